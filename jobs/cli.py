@@ -1,0 +1,146 @@
+"""The ``chromascan`` command: the only place that parses user input, prints and exits."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.errors import USER_ERRORS
+
+app = typer.Typer(
+    name="chromascan",
+    help="Colourise black-and-white photo archives at scale on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Create and inspect model artifacts.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def package_version() -> str:
+    try:
+        return version("chromascan")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"chromascan {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Colourise black-and-white photo archives at scale on Ray."""
+
+
+@model_app.command("init")
+def model_init(
+    destination: Annotated[str, typer.Argument(help="Folder or URL (s3://bucket/prefix).")],
+    name: Annotated[str, typer.Option(help="Model name, the first half of the model id.")] = (
+        "chromascan-init"
+    ),
+    width: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net block.")] = 64,
+    depth: Annotated[int, typer.Option(min=2, help="Down blocks of the U-Net.")] = 8,
+    image_size: Annotated[int, typer.Option(min=4, help="Model input side in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
+) -> None:
+    """Write an initialised, untrained model artifact (for smoke tests and benchmarks)."""
+    import torch
+
+    from models.config import GeneratorConfig
+    from models.networks import UNetGenerator, init_weights
+    from pipeline.model_store import save_model
+
+    try:
+        config = GeneratorConfig(width=width, depth=depth, image_size=image_size)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    torch.manual_seed(seed)
+    generator = UNetGenerator(config)
+    init_weights(generator)
+    model_id = save_model(
+        generator, destination, name=name, provenance={"trained": False, "seed": seed}
+    )
+    typer.echo(f"wrote {model_id} (untrained) to {destination}")
+
+
+@model_app.command("info")
+def model_info(
+    source: Annotated[str, typer.Argument(help="Folder or URL of a model artifact.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.json as JSON.")] = False,
+) -> None:
+    """Verify a model artifact (hash, format, config) and describe it."""
+    from pipeline.model_store import load_model
+
+    loaded = load_model(source)
+    if as_json:
+        typer.echo(json.dumps(loaded.metadata, indent=2, sort_keys=True))
+        return
+    config = loaded.config
+    typer.echo(f"model      {loaded.model_id}  (verified sha256 {loaded.sha256})")
+    typer.echo(f"generator  U-Net width {config.width}, depth {config.depth}, ")
+    typer.echo(f"           {loaded.metadata.get('parameters', '?'):,} parameters")
+    typer.echo(f"input      {config.image_size}×{config.image_size} L -> ab")
+    typer.echo(f"created    {loaded.metadata.get('created_at', '?')}")
+    for key, value in sorted(loaded.metadata.get("provenance", {}).items()):
+        typer.echo(f"provenance {key}: {value}")
+
+
+@app.command("demo")
+def demo(
+    output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
+        "chromascan-demo"
+    ),
+    quick: Annotated[bool, typer.Option(help="A tiny model and images, for CI.")] = False,
+) -> None:
+    """Run the built-in demo on sample photos that installed packages ship."""
+    from jobs.demo import run_demo
+
+    run_demo(output, quick=quick, echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line on stderr and a non-zero exit for anything the user can fix."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(
+            args=argv if argv is not None else sys.argv[1:],
+            prog_name="chromascan",
+            standalone_mode=False,
+        )
+    except typer.Abort:
+        typer.echo("chromascan: aborted", err=True)
+        return 130
+    except typer.TyperException as err:
+        # Typer vendors click: its usage errors are TyperExceptions with click's interface.
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            return 0
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"chromascan: {message}{hint}", err=True)
+        return int(getattr(err, "exit_code", 2))
+    except USER_ERRORS as err:
+        typer.echo(f"chromascan: {err}", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

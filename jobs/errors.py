@@ -1,0 +1,14 @@
+"""Which errors are the user's to fix: the CLI turns these into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+from models.artifact import ArtifactError
+from pipeline.storage import StorageError
+
+# Anything else is a bug and keeps its traceback, so it can be reported and fixed.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ArtifactError,
+    StorageError,
+    FileNotFoundError,
+    PermissionError,
+)

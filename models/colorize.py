@@ -1,0 +1,218 @@
+"""Colourise one image, no Ray: the three steps every later stage calls.
+
+1. ``prepare_lightness`` — full-resolution L* of a grey or colour image, and the model-size
+   normalised L the generator sees (this is what travels between pipeline stages).
+2. ``predict_ab`` — a batch of model-size L -> ab, under inference mode, optionally autocast.
+3. ``merge_full_resolution`` — upsample ab to the full size and merge with the source's own L,
+   in row strips so that a 60-megapixel scan never needs more than one strip of float colour.
+
+``colorize_image`` composes them for a single array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from models.colour import (
+    denormalize_ab,
+    grey_to_lightness,
+    lab_to_rgb,
+    normalize_l,
+    rgb_to_lightness,
+)
+
+DEFAULT_STRIP_ROWS = 512  # rows merged at once: bounds float memory to ~60 B × width × rows
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A source reduced to what colourising it needs."""
+
+    lightness: np.ndarray  # (H, W) float32 L* in [0, 100] at full resolution
+    l_model: np.ndarray  # (1, S, S) float32 normalised L in [-1, 1] at model size
+    dtype: np.dtype  # the source's sample type, which the output keeps (uint8, uint16, float32)
+
+
+def _to_unit_float(image: np.ndarray) -> tuple[np.ndarray, np.dtype]:
+    """Scale samples to [0, 1] float32 and say which dtype the output should have."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0, np.dtype(np.uint8)
+    if image.dtype == np.uint16:
+        # 16-bit scans are scaled, never clipped to 8 bits: their tonal range is the point.
+        return image.astype(np.float32) / 65535.0, np.dtype(np.uint16)
+    if image.dtype == np.bool_:
+        return image.astype(np.float32), np.dtype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        values = image.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise ValueError("image has NaN or infinite samples")
+        if values.size and (values.min() < 0.0 or values.max() > 1.0):
+            raise ValueError(
+                f"float images must be in [0, 1], got [{values.min():.3g}, {values.max():.3g}]"
+            )
+        return values, np.dtype(np.float32)
+    raise ValueError(
+        f"unsupported sample type {image.dtype}; expected uint8, uint16, bool or float"
+    )
+
+
+def image_to_lightness(image: np.ndarray, *, strip_rows: int = DEFAULT_STRIP_ROWS) -> np.ndarray:
+    """Grey (H, W) / (H, W, 1) or colour (H, W, 3) / (H, W, 4) -> L* (H, W) float32.
+
+    A colour or sepia scan keeps only its lightness: the model decides the colours. Alpha is
+    ignored. Converted in strips of rows to bound the float working memory on huge scans.
+    """
+    if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        channels = image.shape[2]
+    elif image.ndim == 2:
+        channels = 1
+    else:
+        raise ValueError(
+            "expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+            f"got {image.shape}"
+        )
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"image is empty: {width}×{height}")
+    lightness = np.empty((height, width), dtype=np.float32)
+    for top in range(0, height, strip_rows):
+        strip, _ = _to_unit_float(image[top : top + strip_rows])
+        samples = torch.from_numpy(np.ascontiguousarray(strip))
+        if channels == 1:
+            rows = grey_to_lightness(samples.reshape(samples.shape[0], width))
+        else:
+            rgb = samples[..., :3].permute(2, 0, 1)  # (3, h, W)
+            rows = rgb_to_lightness(rgb)[0]
+        lightness[top : top + strip_rows] = rows.numpy()
+    return lightness
+
+
+def lightness_to_model_input(lightness: np.ndarray, image_size: int) -> np.ndarray:
+    """L* (H, W) -> normalised L (1, S, S), area-filtered so downscaling does not alias."""
+    tensor = torch.from_numpy(lightness)[None, None]  # (1, 1, H, W)
+    resized = F.interpolate(
+        tensor, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return normalize_l(resized[0]).clamp(-1.0, 1.0).numpy()  # (1, S, S)
+
+
+def prepare_image(
+    image: np.ndarray, image_size: int, *, strip_rows: int = DEFAULT_STRIP_ROWS
+) -> PreparedImage:
+    """Everything colourising needs from a decoded image (see PreparedImage)."""
+    _, dtype = _to_unit_float(image[:1, :1])
+    lightness = image_to_lightness(image, strip_rows=strip_rows)
+    return PreparedImage(
+        lightness=lightness, l_model=lightness_to_model_input(lightness, image_size), dtype=dtype
+    )
+
+
+def predict_ab(
+    generator: nn.Module,
+    l_model: torch.Tensor,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(B, 1, S, S) normalised L -> (B, 2, S, S) float32 ab in Lab units.
+
+    The generator must be in eval mode (BatchNorm running stats, no dropout). ``autocast_dtype``
+    (torch.bfloat16 or torch.float16) runs the convolutions in reduced precision on the tensor's
+    device; the result is returned in float32 either way.
+    """
+    with torch.inference_mode():
+        if autocast_dtype is None:
+            ab_norm = generator(l_model)
+        else:
+            with torch.autocast(device_type=l_model.device.type, dtype=autocast_dtype):
+                ab_norm = generator(l_model)
+        return denormalize_ab(ab_norm.float())
+
+
+def _row_interpolation(out_rows: int, in_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of bilinear resampling with align_corners=False, as torch does."""
+    scale = in_rows / out_rows
+    source = np.maximum((np.arange(out_rows, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    row0 = np.minimum(source.astype(np.int64), in_rows - 1)
+    row1 = np.minimum(row0 + 1, in_rows - 1)
+    weight = (source - row0).astype(np.float32)
+    return row0, row1, weight
+
+
+def merge_full_resolution(
+    lightness: np.ndarray,
+    ab: np.ndarray,
+    *,
+    dtype: np.dtype | type = np.uint8,
+    strip_rows: int = DEFAULT_STRIP_ROWS,
+) -> np.ndarray:
+    """Full-resolution L* (H, W) + model-size ab (2, s, s) -> sRGB (H, W, 3) of ``dtype``.
+
+    ab is upsampled bilinearly (identical to one F.interpolate over the whole image) but one
+    strip of rows at a time, so the float working set is a strip, not the scan. The source's
+    own L is kept; only colours outside sRGB are clipped.
+    """
+    height, width = lightness.shape
+    if ab.ndim != 3 or ab.shape[0] != 2:
+        raise ValueError(f"ab must have shape (2, h, w), got {ab.shape}")
+    out_dtype = np.dtype(dtype)
+    if out_dtype == np.uint8:
+        peak = 255.0
+    elif out_dtype == np.uint16:
+        peak = 65535.0
+    elif out_dtype == np.float32:
+        peak = 0.0
+    else:
+        raise ValueError(f"output dtype must be uint8, uint16 or float32, got {out_dtype}")
+    # Width first, once: (2, h, W) is small (h is the model size).
+    ab_wide = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(ab, dtype=np.float32))[None],
+        size=(ab.shape[1], width),
+        mode="bilinear",
+        align_corners=False,
+    )[0]
+    row0, row1, weight = _row_interpolation(height, ab.shape[1])
+    output = np.empty((height, width, 3), dtype=out_dtype)
+    for top in range(0, height, strip_rows):
+        rows = slice(top, min(top + strip_rows, height))
+        w = torch.from_numpy(weight[rows]).view(1, -1, 1)
+        ab_rows = ab_wide[:, row0[rows]] * (1.0 - w) + ab_wide[:, row1[rows]] * w  # (2, h, W)
+        lab = torch.cat((torch.from_numpy(lightness[rows])[None], ab_rows), dim=0)
+        rgb = lab_to_rgb(lab).permute(1, 2, 0).numpy()  # (h, W, 3) in [0, 1]
+        output[rows] = rgb if peak == 0.0 else np.rint(rgb * peak)
+    return output
+
+
+def colorize_image(
+    generator: nn.Module,
+    image: np.ndarray,
+    *,
+    image_size: int | None = None,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    strip_rows: int = DEFAULT_STRIP_ROWS,
+) -> np.ndarray:
+    """Colourise a grey or colour image of any size; the result has the same height and width.
+
+    Args:
+        generator: a UNetGenerator in eval mode.
+        image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, uint16, bool or float in [0, 1].
+        image_size: the model's input size; defaults to ``generator.config.image_size``.
+        device: where the generator runs; it must already be there.
+        autocast_dtype: reduced precision for the forward pass (see predict_ab).
+        strip_rows: rows per strip for the full-resolution conversions.
+
+    Returns:
+        (H, W, 3) sRGB with the source's sample type (uint8 for bool), whose L* is the source's.
+    """
+    size = image_size or generator.config.image_size
+    prepared = prepare_image(image, size, strip_rows=strip_rows)
+    l_model = torch.from_numpy(prepared.l_model)[None].to(device)  # (1, 1, S, S)
+    ab = predict_ab(generator, l_model, autocast_dtype=autocast_dtype)[0].cpu().numpy()
+    return merge_full_resolution(
+        prepared.lightness, ab, dtype=prepared.dtype, strip_rows=strip_rows
+    )

@@ -1,0 +1,106 @@
+"""The CLI edge: commands listed, exact one-line errors, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main, package_version
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_console_script_lists_commands_and_version() -> None:
+    # The installed entry point, as a user runs it.
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    for command in ("model", "demo"):
+        assert command in result.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "jobs", "--version"], capture_output=True, text=True, check=False
+    )
+    assert version.stdout.strip() == f"chromascan {package_version()}"
+
+
+@pytest.mark.parametrize("argv", [["model", "--help"], ["model", "init", "--help"],
+                                  ["model", "info", "--help"], ["demo", "--help"]])  # fmt: skip
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    assert "Usage:" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bogus"], "chromascan: No such option: --bogus (see 'chromascan --help')"),
+        (
+            ["model", "init", "x", "--width", "0"],
+            "chromascan: Invalid value for '--width': Input should be greater than or equal to 1 "
+            "(see 'chromascan model init --help')",
+        ),
+        (
+            ["model", "init", "x", "--image-size", "100"],
+            "chromascan: Invalid value: image_size 100 must be a multiple of 2**depth = 256 "
+            "(see 'chromascan model init --help')",
+        ),
+        (
+            ["model", "info"],
+            "chromascan: Missing argument 'SOURCE'. (see 'chromascan model info --help')",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.strip().lower() == message.lower()
+    assert out == ""
+
+
+def test_model_init_then_info(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    code, out, _ = _run(
+        capsys, "model", "init", str(target), "--width", "8", "--depth", "5", "--image-size", "32"
+    )
+    assert code == 0
+    assert out.startswith("wrote chromascan-init@")
+    code, out, _ = _run(capsys, "model", "info", str(target))
+    assert code == 0
+    assert "verified sha256" in out
+    assert "width 8, depth 5" in out
+    code, out, _ = _run(capsys, "model", "info", str(target), "--json")
+    assert json.loads(out)["generator"]["width"] == 8
+
+
+def test_broken_artifact_is_one_line_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = _run(capsys, "model", "info", str(tmp_path))
+    assert code == 1
+    assert err == (
+        f"chromascan: {tmp_path}/model.json: missing; a model artifact needs both model.json "
+        "and model.safetensors\n"
+    )
+    assert "Traceback" not in err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "model", "info", str(tmp_path / "none")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
