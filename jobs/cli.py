@@ -101,6 +101,54 @@ def model_info(
         typer.echo(f"provenance {key}: {value}")
 
 
+@model_app.command("bench")
+def model_bench(
+    source: Annotated[
+        str | None, typer.Argument(help="Model artifact; default: the reference architecture.")
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", "-b", min=1, help="Repeatable.")
+    ] = None,
+    precision: Annotated[
+        list[str] | None, typer.Option("--precision", "-p", help="fp32, bf16 or fp16; repeatable.")
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each combination.")] = 5,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads.")] = None,
+) -> None:
+    """Time the generator's forward pass, side by side across batch sizes and precisions."""
+    import torch
+
+    from jobs.bench import PRECISIONS, time_forward
+    from models.networks import UNetGenerator
+    from pipeline.model_store import load_model
+
+    precisions = precision or ["fp32", "bf16"]
+    for name in precisions:
+        if name not in PRECISIONS:
+            raise typer.BadParameter(
+                f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}",
+                param_hint="'--precision'",
+            )
+    if threads:
+        torch.set_num_threads(threads)
+    generator = load_model(source).generator if source else UNetGenerator()
+    config = generator.config
+    typer.echo(
+        f"generator width {config.width}, depth {config.depth}, {config.image_size}² input; "
+        f"cpu threads {torch.get_num_threads()}; median of {repeats}"
+    )
+    typer.echo(
+        f"{'batch':>5} {'precision':>9} {'s/batch':>9} {'images/s':>9} {'|Δab| vs fp32':>14}"
+    )
+    for row in time_forward(
+        generator, batch_sizes=batch_size or [1, 8], precisions=precisions, repeats=repeats
+    ):
+        typer.echo(
+            f"{row.batch_size:>5} {row.precision:>9} {row.seconds_per_batch:>9.3f} "
+            f"{row.images_per_second:>9.2f} {row.mean_abs_ab_diff:>14.4f}"
+        )
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(

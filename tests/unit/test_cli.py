@@ -104,3 +104,31 @@ def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_model_bench_prints_each_combination(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _run(
+        capsys, "model", "init", str(tmp_path), "--width", "4", "--depth", "5", "--image-size", "32"
+    )
+    code, out, _ = _run(
+        capsys, "model", "bench", str(tmp_path), "-b", "1", "-b", "2", "-p", "fp32", "-p", "bf16",
+        "--repeats", "1",
+    )  # fmt: skip
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("1", "fp32"),
+        ("1", "bf16"),
+        ("2", "fp32"),
+        ("2", "bf16"),
+    ]
+    assert all(float(r[3]) > 0 for r in rows)
+    assert float(rows[0][4]) == 0.0  # fp32 against itself
+
+
+def test_model_bench_refuses_unknown_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "model", "bench", "-p", "int3")
+    assert code == 2
+    assert "unknown precision 'int3'" in err
