@@ -1,0 +1,39 @@
+"""One local Ray cluster shared by every integration test (Ray's own test guide: start once)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Logical CPUs, more than the 2 real cores of CI machines: Ray Train's workers, Ray Data's
+# decode/encode tasks and the colorizer actors must all fit at once or a job waits forever.
+TEST_CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """Start (once) a local Ray cluster; yields ray.init's context info."""
+    import ray
+
+    # Workers must import this checkout's packages (models/, pipeline/) like the driver does.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p
+    )
+    # Keep Ray's session logs inside the test's temp dir, not /tmp/ray of the machine.
+    temp_dir = tmp_path_factory.mktemp("ray")
+    context = ray.init(
+        num_cpus=TEST_CLUSTER_CPUS,
+        num_gpus=0,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+        logging_level="WARNING",
+        log_to_driver=False,
+        configure_logging=True,
+    )
+    try:
+        yield {"address": context.address_info.get("address"), "temp_dir": str(temp_dir)}
+    finally:
+        ray.shutdown()
