@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +15,7 @@ TEST_CLUSTER_CPUS = 4
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def ray_local() -> Iterator[dict[str, object]]:
     """Start (once) a local Ray cluster; yields ray.init's context info."""
     import ray
 
@@ -22,18 +24,20 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ob
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p
     )
-    # Keep Ray's session logs inside the test's temp dir, not /tmp/ray of the machine.
-    temp_dir = tmp_path_factory.mktemp("ray")
+    # A short private temp dir: Ray's unix socket paths must stay under 108 bytes, which
+    # pytest's nested tmp_path can exceed; and a shared /tmp/ray would mix runs.
+    temp_dir = tempfile.mkdtemp(prefix="cs-ray-")
     context = ray.init(
         num_cpus=TEST_CLUSTER_CPUS,
         num_gpus=0,
         include_dashboard=False,
-        _temp_dir=str(temp_dir),
+        _temp_dir=temp_dir,
         logging_level="WARNING",
         log_to_driver=False,
         configure_logging=True,
     )
     try:
-        yield {"address": context.address_info.get("address"), "temp_dir": str(temp_dir)}
+        yield {"address": context.address_info.get("address"), "temp_dir": temp_dir}
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
