@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from jobs.colorize import colorize_command
 from jobs.errors import USER_ERRORS
 
 app = typer.Typer(
@@ -160,6 +161,9 @@ def demo(
     from jobs.demo import run_demo
 
     run_demo(output, quick=quick, echo=typer.echo)
+
+
+app.command("colorize")(colorize_command)
 
 
 def main(argv: list[str] | None = None) -> int:

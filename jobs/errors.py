@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from models.artifact import ArtifactError
+from pipeline.colorize import ColorizeError
 from pipeline.storage import StorageError
 
 # Anything else is a bug and keeps its traceback, so it can be reported and fixed.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ArtifactError,
+    ColorizeError,
     StorageError,
     FileNotFoundError,
     PermissionError,

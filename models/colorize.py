@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from models.colour import (
     denormalize_ab,
     grey_to_lightness,
-    lab_to_rgb,
+    lab_to_rgb_keep_lightness,
     normalize_l,
     rgb_to_lightness,
 )
@@ -154,7 +154,7 @@ def merge_full_resolution(
 
     ab is upsampled bilinearly (identical to one F.interpolate over the whole image) but one
     strip of rows at a time, so the float working set is a strip, not the scan. The source's
-    own L is kept; only colours outside sRGB are clipped.
+    own L is kept: colours outside sRGB lose chroma, never lightness.
     """
     height, width = lightness.shape
     if ab.ndim != 3 or ab.shape[0] != 2:
@@ -170,7 +170,7 @@ def merge_full_resolution(
         raise ValueError(f"output dtype must be uint8, uint16 or float32, got {out_dtype}")
     # Width first, once: (2, h, W) is small (h is the model size).
     ab_wide = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(ab, dtype=np.float32))[None],
+        torch.tensor(ab, dtype=torch.float32)[None],  # a copy: ab may be a read-only view
         size=(ab.shape[1], width),
         mode="bilinear",
         align_corners=False,
@@ -182,7 +182,7 @@ def merge_full_resolution(
         w = torch.from_numpy(weight[rows]).view(1, -1, 1)
         ab_rows = ab_wide[:, row0[rows]] * (1.0 - w) + ab_wide[:, row1[rows]] * w  # (2, h, W)
         lab = torch.cat((torch.from_numpy(lightness[rows])[None], ab_rows), dim=0)
-        rgb = lab_to_rgb(lab).permute(1, 2, 0).numpy()  # (h, W, 3) in [0, 1]
+        rgb = lab_to_rgb_keep_lightness(lab).permute(1, 2, 0).numpy()  # (h, W, 3) in [0, 1]
         output[rows] = rgb if peak == 0.0 else np.rint(rgb * peak)
     return output
 

@@ -10,6 +10,7 @@ The constants match scikit-image's ``rgb2lab``/``lab2rgb`` (sRGB primaries, D65 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # sRGB primaries to XYZ under D65, the matrix scikit-image uses (IEC 61966-2-1 to 6 digits).
@@ -18,6 +19,8 @@ _XYZ_FROM_RGB = (
     (0.212671, 0.715160, 0.072169),
     (0.019334, 0.119193, 0.950227),
 )
+# Its inverse, computed once: torch.linalg.inv on every call costs more than the conversion.
+_RGB_FROM_XYZ = tuple(tuple(float(v) for v in row) for row in np.linalg.inv(_XYZ_FROM_RGB))
 # D65 reference white, CIE 1931 2° observer.
 _WHITE_D65 = (0.95047, 1.0, 1.08883)
 
@@ -90,7 +93,7 @@ def lab_to_rgb(lab: torch.Tensor, *, clip: bool = True) -> torch.Tensor:
         # them as fz = 0, and so do we, so that clipped colours match the reference.
         fz = fz.clamp(min=0.0)
     xyz = _lab_f_inverse(torch.stack((fx, fy, fz), dim=-3)) * white
-    rgb_from_xyz = torch.linalg.inv(_channel_matrix(_XYZ_FROM_RGB, lab).double()).to(lab.dtype)
+    rgb_from_xyz = _channel_matrix(_RGB_FROM_XYZ, lab)
     rgb = linear_to_srgb(_apply_matrix(rgb_from_xyz, xyz))
     return rgb.clamp(0.0, 1.0) if clip else rgb
 
@@ -160,3 +163,30 @@ def normalization_spec() -> dict[str, object]:
         "l_scale": L_SCALE,
         "ab_scale": AB_SCALE,
     }
+
+
+def lab_to_rgb_keep_lightness(lab: torch.Tensor, *, steps: int = 8) -> torch.Tensor:
+    """CIE Lab (3, H, W) -> sRGB in [0, 1], reducing chroma (not L) of out-of-gamut colours.
+
+    Plain clipping changes a colour's lightness, so a clipped output would no longer carry the
+    scan's own L. Here each out-of-gamut pixel keeps its L and hue and gets the largest
+    chroma (found by bisection, to 2**-steps of the predicted one) that sRGB can show.
+    """
+    rgb = lab_to_rgb(lab, clip=False)
+    tolerance = 1e-6  # float rounding at the gamut's edge is not "outside"
+    outside = ((rgb < -tolerance) | (rgb > 1.0 + tolerance)).any(dim=-3)  # (H, W)
+    if not bool(outside.any()):
+        return rgb.clamp(0.0, 1.0)
+    lightness = lab[0][outside]  # (n,)
+    ab = lab[1:, outside]  # (2, n)
+    low = torch.zeros_like(lightness)  # chroma scale known to fit
+    high = torch.ones_like(lightness)  # chroma scale known not to fit
+    for _ in range(steps):
+        middle = (low + high) / 2
+        trial = lab_to_rgb(torch.cat((lightness[None], ab * middle), dim=0)[..., None], clip=False)
+        fits = ((trial >= -tolerance) & (trial <= 1.0 + tolerance)).all(dim=0)[:, 0]
+        low = torch.where(fits, middle, low)
+        high = torch.where(fits, high, middle)
+    fitted = lab_to_rgb(torch.cat((lightness[None], ab * low), dim=0)[..., None], clip=False)
+    rgb[:, outside] = fitted[..., 0]
+    return rgb.clamp(0.0, 1.0)

@@ -52,6 +52,7 @@ class DecodedImage:
     pages: int  # frames in the file; only the first is used
     exif: bytes | None  # the source's EXIF with the orientation tag reset (already applied)
     dpi: tuple[float, float] | None
+    full_size: tuple[int, int]  # (width, height) at full scale after orientation
     notes: tuple[str, ...] = ()  # what a reader of the manifest should know, e.g. pages dropped
 
     @property
@@ -148,6 +149,9 @@ def decode_image(
             source_format = image.format or "unknown"
             source_mode = image.mode
             pages = int(getattr(image, "n_frames", 1))
+            orientation = image.getexif().get(0x0112, 1)
+            # Orientations 5-8 turn the picture by 90°: width and height swap.
+            full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
             if draft_size and source_format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))
             image.load()
@@ -157,6 +161,11 @@ def decode_image(
             pixels = _samples(image)
     except DecodeError:
         raise
+    except UnidentifiedImageError as err:
+        raise DecodeError(
+            f"not an image format this installation can read (file starts with {data[:12]!r})",
+            error_type=type(err).__name__,
+        ) from err
     except _DECODE_ERRORS as err:
         raise DecodeError(f"cannot decode: {err}", error_type=type(err).__name__) from err
     notes = (f"multi-page file: first of {pages} pages used",) if pages > 1 else ()
@@ -169,6 +178,8 @@ def decode_image(
         bits=_bits_for(source_mode),
         pages=pages,
         exif=exif.tobytes() if exif else None,
-        dpi=(float(dpi[0]), float(dpi[1])) if dpi else None,
+        # TIFF writers often store 1×1 "dpi" meaning "unknown"; no scan is 1 dpi.
+        dpi=(float(dpi[0]), float(dpi[1])) if dpi and min(dpi) > 1 else None,
+        full_size=full_size,
         notes=notes,
     )

@@ -15,7 +15,7 @@ from models.colorize import (
     predict_ab,
     prepare_image,
 )
-from models.colour import lab_to_rgb, lightness_to_grey
+from models.colour import lab_to_rgb_keep_lightness, lightness_to_grey
 from models.networks import UNetGenerator
 
 
@@ -112,9 +112,14 @@ def test_strip_merge_equals_one_whole_interpolation() -> None:
     stripped = merge_full_resolution(lightness, ab, dtype=np.float32, strip_rows=7)
     # Reference: upsample the whole ab plane at once with torch.
     ab_full = F.interpolate(torch.from_numpy(ab)[None], size=(301, 457), mode="bilinear")[0]
-    whole = lab_to_rgb(torch.cat((torch.from_numpy(lightness)[None], ab_full))).permute(1, 2, 0)
-    # Float rounding of the two interpolation orders differs by ~1e-5 (0.003 of an 8-bit level).
-    np.testing.assert_allclose(stripped, whole.numpy(), atol=1e-4)
+    lab_full = torch.cat((torch.from_numpy(lightness)[None], ab_full))
+    whole = lab_to_rgb_keep_lightness(lab_full).permute(1, 2, 0)
+    # Float rounding of the two interpolation orders differs by ~1e-5 (0.003 of an 8-bit level);
+    # at the gamut's edge that can flip a pixel into the chroma bisection, which is exact to
+    # 2**-8 of the chroma.
+    difference = np.abs(stripped - whole.numpy())
+    assert np.mean(difference < 1e-4) > 0.999
+    assert difference.max() < 0.01
     one_strip = merge_full_resolution(lightness, ab, dtype=np.float32, strip_rows=10_000)
     np.testing.assert_allclose(stripped, one_strip, atol=1e-6)
 

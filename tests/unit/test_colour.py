@@ -137,3 +137,31 @@ def test_cuda_matches_cpu() -> None:
     on_gpu = colour.rgb_to_lab(rgb.cuda()).cpu()
     torch.testing.assert_close(on_gpu, colour.rgb_to_lab(rgb), atol=1e-3, rtol=0)
     torch.testing.assert_close(colour.lab_to_rgb(on_gpu.cuda()).cpu(), rgb, atol=1 / 255, rtol=0)
+
+
+def test_gamut_fit_keeps_lightness_and_hue() -> None:
+    rng = np.random.default_rng(5)
+    lab = torch.from_numpy(
+        np.stack([rng.uniform(1, 99, (40, 40)), rng.uniform(-110, 110, (40, 40)),
+                  rng.uniform(-110, 110, (40, 40))]).astype(np.float32)
+    )  # fmt: skip
+    rgb = colour.lab_to_rgb_keep_lightness(lab)
+    assert rgb.min() >= 0.0
+    assert rgb.max() <= 1.0
+    back = colour.rgb_to_lab(rgb)
+    # Lightness kept to a small fraction of an 8-bit level; clipping would move it by tens.
+    assert (back[0] - lab[0]).abs().max() < 0.05
+    assert (colour.rgb_to_lab(colour.lab_to_rgb(lab))[0] - lab[0]).abs().max() > 5
+    # Hue kept: the chroma only shrinks along the same direction in the ab plane.
+    cosine = (back[1] * lab[1] + back[2] * lab[2]) / (
+        back[1:].norm(dim=0) * lab[1:].norm(dim=0) + 1e-6
+    )
+    coloured = back[1:].norm(dim=0) > 2
+    assert cosine[coloured].min() > 0.95
+
+
+def test_gamut_fit_leaves_in_gamut_colours_alone() -> None:
+    rgb = torch.rand(3, 30, 30)
+    torch.testing.assert_close(
+        colour.lab_to_rgb_keep_lightness(colour.rgb_to_lab(rgb)), rgb, atol=1e-4, rtol=0
+    )

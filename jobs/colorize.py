@@ -1,0 +1,106 @@
+"""``chromascan colorize``: colour every scan under SRC into DST on Ray."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from jobs.runtime import ensure_ray
+from pipeline.colorize import ColorizeConfig, ColorizeError, Progress, run_colorize
+from pipeline.decode import DEFAULT_MAX_PIXELS
+
+EXIT_INPUTS_FAILED = 3  # some inputs failed; the run itself completed
+
+
+class _ProgressPrinter:
+    """One line at most every few seconds, on stderr so stdout stays the summary."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self.last = 0.0
+
+    def __call__(self, state: Progress) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s and state.done < state.total:
+            return
+        self.last = now
+        rate = state.images_per_second
+        remaining = (state.total - state.done) / rate if rate > 0 else float("nan")
+        eta = f", about {remaining:.0f} s left" if state.done < state.total and rate > 0 else ""
+        typer.echo(
+            f"colorize: {state.done}/{state.total} ({state.ok} ok, {state.failed} failed) "
+            f"{rate:.2f} images/s{eta}",
+            err=True,
+        )
+
+
+def colorize_command(
+    src: Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucket/prefix).")],
+    dst: Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")],
+    gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
+    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
+    ] = DEFAULT_MAX_PIXELS,
+    limit: Annotated[
+        int | None, typer.Option(min=0, help="Colour at most N scans (listing order).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16 where native).")
+    ] = "auto",
+    png_level: Annotated[
+        int, typer.Option(min=0, max=9, help="PNG zlib level: 1 fastest, 9 smallest.")
+    ] = 6,
+    allow_failures: Annotated[
+        bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
+    ] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
+    ] = None,
+) -> None:
+    """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
+    from jobs.cli import package_version
+
+    try:
+        config = ColorizeConfig(
+            src=src,
+            dst=dst,
+            model=model,
+            gpu=gpu,
+            actors=actors,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            limit=limit,
+            precision=precision,
+            png_compress_level=png_level,
+        )
+    except ColorizeError as err:
+        raise typer.BadParameter(str(err)) from err
+    ensure_ray(address)
+    summary = run_colorize(
+        config, software=f"chromascan {package_version()}", progress=_ProgressPrinter()
+    )
+    typer.echo(
+        f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, "
+        f"{summary.listed - summary.attempted} not attempted, of {summary.listed} listed; "
+        f"{summary.images_per_second:.2f} images/s over {summary.elapsed_s:.1f} s"
+    )
+    for error_type, count in summary.error_types.items():
+        typer.echo(f"  failed: {count} × {error_type}")
+    typer.echo(f"model    {summary.model_id}")
+    typer.echo(f"images   {dst.rstrip('/')}/images/")
+    typer.echo(f"manifest {summary.manifest_uri}/")
+    typer.echo(f"summary  {summary.summary_uri}")
+    sys.stdout.flush()
+    if summary.failed and not allow_failures:
+        typer.echo(
+            f"chromascan: {summary.failed} of {summary.attempted} scans failed "
+            "(see the manifest; --allow-failures exits 0)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INPUTS_FAILED)

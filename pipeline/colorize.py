@@ -1,0 +1,355 @@
+"""The colorize run: list SRC, stream it through the stages on Ray Data, write the manifest.
+
+The driver holds the listing (≈200 bytes a key) and manifest rows, never pixels. Manifest rows
+are flushed to Parquet part files as they arrive, so a run that dies keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.listing import list_images
+from pipeline.model_store import load_model
+from pipeline.provenance import redact_uri
+from pipeline.schema import MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
+from pipeline.stages import (
+    Colorizer,
+    StageOptions,
+    finalize_batch,
+    output_relative_path,
+    prepare_batch,
+)
+from pipeline.storage import join, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ColorizeError(ValueError):
+    """The run cannot start: nothing to colour, or a setting that cannot work."""
+
+
+@dataclass(frozen=True)
+class ColorizeConfig:
+    """A colorize run's settings; recorded in the run summary (without storage options)."""
+
+    src: str  # folder or URL of the scans
+    dst: str  # folder or URL for images/, manifest/ and runs/
+    model: str  # folder or URL of the model artifact
+    gpu: bool = False  # one actor per GPU, reduced precision
+    actors: int = 1  # colorizer actors (GPUs with --gpu)
+    batch_size: int = 8  # model inputs per forward pass
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger scans fail with ImageTooLarge
+    limit: int | None = None  # colour at most this many inputs (in listing order)
+    precision: str = "auto"  # auto: bf16 on GPUs and on CPUs with native bf16, else fp32
+    png_compress_level: int = 6  # zlib level of output PNGs: 1 fastest, 9 smallest
+    threads_per_actor: int | None = None  # torch threads in each CPU actor; None: Ray's share
+    rows_per_block: int = 4  # inputs per prepare/finalize task: small, so work spreads
+    flush_rows: int = 256  # manifest rows per Parquet part file (at most)
+    flush_seconds: float = 30.0  # ... or this often, so a crash loses little
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ColorizeError(f"actors must be at least 1, got {self.actors}")
+        if self.batch_size < 1:
+            raise ColorizeError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ColorizeError(f"max pixels must be at least 1, got {self.max_pixels}")
+        if self.limit is not None and self.limit < 0:
+            raise ColorizeError(f"limit must not be negative, got {self.limit}")
+        if self.precision not in PRECISIONS:
+            raise ColorizeError(
+                f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
+            )
+        if not 0 <= self.png_compress_level <= 9:
+            raise ColorizeError(f"PNG compression level must be 0-9, got {self.png_compress_level}")
+
+
+@dataclass
+class Progress:
+    """Counts so far, handed to the progress callback after every arriving block."""
+
+    total: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    model_id: str
+    listed: int
+    attempted: int
+    ok: int
+    failed: int
+    skipped: int
+    elapsed_s: float
+    images_per_second: float
+    manifest_uri: str
+    summary_uri: str
+    error_types: dict[str, int] = field(default_factory=dict)
+    started_at: str = ""
+    finished_at: str = ""
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable and unique: 20261125T120301Z-3f9a1c."""
+    now = now or datetime.now(UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+
+
+def with_output_paths(listing: pa.Table) -> pa.Table:
+    """Add output_path (relative to DST/images): the source path with its suffix -> .png.
+
+    Two sources that differ only in suffix (scan.tif and scan.jpg) would map to one output;
+    those keep their suffix (scan.tif.png, scan.jpg.png) so that neither overwrites the other.
+    """
+    relative = listing.column("relative_path").to_pylist()
+    outputs = [output_relative_path(path) for path in relative]
+    counts = Counter(outputs)
+    resolved = [
+        f"{path}.png" if counts[output] > 1 else output
+        for path, output in zip(relative, outputs, strict=True)
+    ]
+    return listing.append_column("output_path", pa.array(resolved, pa.string()))
+
+
+def _to_manifest_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
+    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for row in rows:
+        started, finished = row.get("started_at"), row.get("finished_at")
+        values = {
+            **row,
+            "run_id": run_id,
+            "source_uri": redact_uri(str(row["source_uri"])),
+            "started_at": datetime.fromtimestamp(started, UTC) if started else None,
+            "finished_at": datetime.fromtimestamp(finished, UTC) if finished else None,
+            "duration_s": (finished - started) if started and finished else None,
+        }
+        for name, column in columns.items():
+            value = values.get(name)
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            column.append(value)
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+
+
+class ManifestWriter:
+    """Appends part files under DST/manifest/run=<run_id>/ as rows arrive."""
+
+    def __init__(
+        self,
+        dst: str,
+        run_id: str,
+        *,
+        storage_options: Mapping[str, Any] | None,
+        flush_rows: int,
+        flush_seconds: float,
+    ) -> None:
+        self.folder = join(dst, "manifest", f"run={run_id}")
+        self.run_id = run_id
+        self.storage_options = storage_options
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.pending: list[dict[str, Any]] = []
+        self.parts = 0
+        self.last_flush = time.monotonic()
+        self.tables: list[pa.Table] = []
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.pending.extend(rows)
+        due = time.monotonic() - self.last_flush >= self.flush_seconds
+        if len(self.pending) >= self.flush_rows or (due and self.pending):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = _to_manifest_table(self.pending, self.run_id)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        write_bytes_atomic(
+            join(self.folder, f"part-{self.parts:05d}.parquet"),
+            buffer.getvalue(),
+            storage_options=self.storage_options,
+        )
+        self.tables.append(table)
+        self.parts += 1
+        self.pending = []
+        self.last_flush = time.monotonic()
+
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.tables) if self.tables else MANIFEST_SCHEMA.empty_table()
+
+
+def _batch_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def run_colorize(
+    config: ColorizeConfig,
+    *,
+    software: str,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    listing: pa.Table | None = None,
+    run_id: str | None = None,
+) -> RunSummary:
+    """Colour every image under config.src into config.dst; returns the run's summary.
+
+    Ray must be initialised (the job entrypoint does it). ``listing`` lets a caller (nightly
+    runs) pass an already filtered listing instead of listing SRC again.
+
+    Raises:
+        ColorizeError: nothing to colour, or settings that cannot work.
+        ArtifactError, StorageError: the model or a location cannot be used.
+    """
+    run_id = run_id or new_run_id()
+    started_at = datetime.now(UTC)
+    clock = time.perf_counter()
+    model = load_model(config.model, storage_options=storage_options)
+    if listing is None:
+        listing = list_images(config.src, storage_options=storage_options)
+        if listing.num_rows == 0:
+            raise ColorizeError(f"{config.src}: no images found (looked for jpg, png, tif, ...)")
+    listed = listing.num_rows
+    if config.limit is not None:
+        listing = listing.slice(0, config.limit)
+    listing = with_output_paths(listing)
+    options = StageOptions(
+        run_id=run_id,
+        dst=config.dst,
+        model_url=config.model,
+        model_id=model.model_id,
+        model_sha256=model.sha256,
+        image_size=model.config.image_size,
+        software=software,
+        max_pixels=config.max_pixels,
+        png_compress_level=config.png_compress_level,
+        storage_options=storage_options,
+    )
+    writer = ManifestWriter(
+        config.dst,
+        run_id,
+        storage_options=storage_options,
+        flush_rows=config.flush_rows,
+        flush_seconds=config.flush_seconds,
+    )
+    state = Progress(total=listing.num_rows)
+    if listing.num_rows:
+        for batch in _stream(listing, config, options):
+            rows = _batch_rows(batch)
+            writer.add(rows)
+            for row in rows:
+                if row["status"] == STATUS_OK:
+                    state.ok += 1
+                else:
+                    state.failed += 1
+            state.elapsed_s = time.perf_counter() - clock
+            if progress:
+                progress(state)
+    writer.flush()
+    manifest = writer.table()
+    elapsed = time.perf_counter() - clock
+    failed = manifest.filter(pc.equal(manifest["status"], STATUS_FAILED))
+    summary = RunSummary(
+        run_id=run_id,
+        model_id=model.model_id,
+        listed=listed,
+        attempted=manifest.num_rows,
+        ok=int(pc.sum(pc.equal(manifest["status"], STATUS_OK)).as_py() or 0),
+        failed=failed.num_rows,
+        skipped=int(pc.sum(pc.equal(manifest["status"], STATUS_SKIPPED)).as_py() or 0),
+        elapsed_s=elapsed,
+        images_per_second=manifest.num_rows / elapsed if elapsed > 0 else 0.0,
+        manifest_uri=writer.folder,
+        summary_uri=join(config.dst, "runs", f"{run_id}.json"),
+        error_types=dict(Counter(failed.column("error_type").to_pylist()).most_common()),
+        started_at=started_at.isoformat(timespec="seconds"),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    _write_run_summary(summary, config, storage_options)
+    return summary
+
+
+def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) -> Any:
+    """The Ray Data pipeline; yields manifest-row batches as pyarrow tables as they finish."""
+    # Many small blocks: each prepare/finalize task takes a few inputs, so a cluster's CPUs
+    # all get work and one huge scan does not hold up a long block behind it.
+    blocks = [
+        listing.slice(start, config.rows_per_block)
+        for start in range(0, listing.num_rows, config.rows_per_block)
+    ]
+    dataset = ray.data.from_arrow(blocks)
+    # Half a CPU per prepare task: a draft-scale decode is light, and resources that differ
+    # from the actor's keep Ray Data from fusing decode into the (GPU) actor process, which
+    # would starve the model of inputs.
+    dataset = dataset.map_batches(
+        prepare_batch, batch_size=None, fn_kwargs={"options": options}, num_cpus=0.5
+    )
+    dataset = dataset.map_batches(
+        Colorizer,
+        fn_constructor_kwargs={
+            "model_url": options.model_url,
+            "expected_sha256": options.model_sha256,
+            "use_gpu": config.gpu,
+            "precision": config.precision,
+            "threads": config.threads_per_actor,
+            "storage_options": options.storage_options,
+        },
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_gpus=1 if config.gpu else 0,
+        num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        finalize_batch, batch_size=1, fn_kwargs={"options": options}, num_cpus=1
+    )
+    yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _write_run_summary(
+    summary: RunSummary, config: ColorizeConfig, storage_options: Mapping[str, Any] | None
+) -> None:
+    document = {
+        "run": asdict(summary),
+        "config": {
+            **asdict(config),
+            "src": redact_uri(config.src),
+            "dst": redact_uri(config.dst),
+            "model": redact_uri(config.model),
+        },
+        "versions": {"ray": ray.__version__},
+    }
+    data = (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode()
+    write_bytes_atomic(summary.summary_uri, data, storage_options=storage_options)

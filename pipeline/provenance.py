@@ -1,0 +1,134 @@
+"""What every output PNG says about itself: source, model, and that it is AI-colourised.
+
+Embedded (DESIGN.md): the source's EXIF (orientation already applied, tag reset), DPI, an sRGB
+ICC profile, and XMP carrying the IPTC digital source type for trained-algorithm composites,
+the model id, the source URI and the source sha256.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+from PIL import Image, ImageCms
+from PIL.PngImagePlugin import PngInfo
+
+DIGITAL_SOURCE_TYPE = (
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+)
+XMP_NAMESPACE = "urn:chromascan:xmp:1.0/"  # our own fields; a URN, so no host is implied
+XMP_KEY = "XML:com.adobe.xmp"  # the iTXt keyword XMP readers look for in PNG
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source_uri: str
+    source_sha256: str
+    model_id: str
+    software: str  # "chromascan 0.1.0"
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password from a URI so it can be written into files and manifests."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=host))
+
+
+# ICC header bytes 24-35 hold the profile's creation date and time (ICC.1:2022 §7.2.1).
+_ICC_DATE = slice(24, 36)
+_ICC_FIXED_DATE = struct.pack(">6H", 2026, 1, 1, 0, 0, 0)
+
+
+@functools.cache
+def srgb_icc_profile() -> bytes:
+    """LittleCMS's built-in sRGB profile, with a fixed creation date.
+
+    lcms stamps the current time into the header, which would make two colourisations of the
+    same scan differ by a byte; outputs must be reproducible. The profile ID (MD5) field is
+    left zero by lcms, which ICC allows, so nothing else depends on the date.
+    """
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    profile[_ICC_DATE] = _ICC_FIXED_DATE
+    return bytes(profile)
+
+
+def xmp_packet(provenance: Provenance) -> str:
+    source = redact_uri(provenance.source_uri)
+    description = (
+        f"AI-colourised derivative of {source} by {provenance.model_id}; "
+        "the black-and-white scan is the master."
+    )
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+        '  <rdf:Description rdf:about=""\n'
+        '    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"\n'
+        '    xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+        '    xmlns:xmp="http://ns.adobe.com/xap/1.0/"\n'
+        f'    xmlns:chromascan="{XMP_NAMESPACE}"\n'
+        f"    Iptc4xmpExt:DigitalSourceType={quoteattr(DIGITAL_SOURCE_TYPE)}\n"
+        f"    xmp:CreatorTool={quoteattr(provenance.software)}\n"
+        f"    chromascan:ModelId={quoteattr(provenance.model_id)}\n"
+        f"    chromascan:SourceURI={quoteattr(source)}\n"
+        f"    chromascan:SourceSHA256={quoteattr(provenance.source_sha256)}>\n"
+        "   <dc:description><rdf:Alt>"
+        f'<rdf:li xml:lang="x-default">{escape(description)}</rdf:li>'
+        "</rdf:Alt></dc:description>\n"
+        "  </rdf:Description>\n"
+        " </rdf:RDF>\n"
+        "</x:xmpmeta>\n"
+        '<?xpacket end="r"?>'
+    )
+
+
+def encode_png(
+    rgb: np.ndarray,
+    provenance: Provenance,
+    *,
+    exif: bytes | None = None,
+    dpi: tuple[float, float] | None = None,
+    compress_level: int = 6,
+) -> bytes:
+    """(H, W, 3) uint8 sRGB -> PNG bytes with the provenance above embedded."""
+    info = PngInfo()
+    info.add_itxt(XMP_KEY, xmp_packet(provenance), zip=False)
+    info.add_text("Software", provenance.software)
+    info.add_text("Source", redact_uri(provenance.source_uri))
+    options: dict[str, object] = {
+        "pnginfo": info,
+        "icc_profile": srgb_icc_profile(),
+        "compress_level": compress_level,
+    }
+    if exif:
+        options["exif"] = exif
+    if dpi:
+        options["dpi"] = dpi
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def read_png_provenance(data: bytes) -> dict[str, object]:
+    """What a reader finds in an output PNG: for verification and tests."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        text = dict(getattr(image, "text", {}))
+        return {
+            "xmp": text.get(XMP_KEY, ""),
+            "software": text.get("Software"),
+            "source": text.get("Source"),
+            "icc_profile": image.info.get("icc_profile"),
+            "dpi": image.info.get("dpi"),
+            "exif": image.getexif(),
+            "size": image.size,
+            "mode": image.mode,
+        }

@@ -1,0 +1,321 @@
+"""The colorize stages as plain functions over one input, and their Ray Data batch wrappers.
+
+    prepare   (CPU task)  read bytes, hash, decode (JPEG at reduced scale), model-size L
+    Colorizer (actor)     batches of model-size L -> ab, model loaded once per actor
+    finalize  (CPU task)  full-resolution decode, merge ab with the source's own L, encode
+                          PNG with provenance, write atomically, hash -> one manifest row
+
+Only compressed bytes and model-size arrays travel between stages: full-resolution pixels
+are made and consumed inside one finalize call. A bad input becomes a failed row, never an
+exception that stops the run. The per-input functions are what the Ray stages call, and what
+the benchmark's plain single-process loop calls too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.colorize import image_to_lightness, lightness_to_model_input, merge_full_resolution
+from models.colorize import predict_ab as predict_ab_batch
+from models.metrics import colorfulness
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from pipeline.model_store import load_model
+from pipeline.provenance import Provenance, encode_png, redact_uri
+from pipeline.schema import STATUS_FAILED, STATUS_OK
+from pipeline.storage import StorageError, join, read_bytes, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+# Colourfulness is a statistic: a strided sample of at most this many pixels estimates it
+# to well under 1% while costing nothing next to the PNG encode of a 60 MP scan.
+_COLORFULNESS_SAMPLE_PIXELS = 1_000_000
+# Errors a storage read or write of one input can raise; each becomes that input's failed row.
+_IO_ERRORS = (StorageError, OSError)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What every stage needs; travels to Ray workers (frozen, picklable, no secrets logged)."""
+
+    run_id: str
+    dst: str
+    model_url: str
+    model_id: str
+    model_sha256: str
+    image_size: int
+    software: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    png_compress_level: int = 6
+    # Credentials for S3-compatible stores when not in the workers' environment; never
+    # written to the manifest, the run summary or a log line.
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+
+
+def _error_fields(error: BaseException, error_type: str | None = None) -> dict[str, Any]:
+    message = str(error) or type(error).__name__
+    return {
+        "status": STATUS_FAILED,
+        "error_type": error_type or getattr(error, "error_type", None) or type(error).__name__,
+        "error_message": message[:2000],
+    }
+
+
+def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]:
+    """Read, hash and decode one listed input; the model-size L, or the reason it failed."""
+    started = time.time()
+    out: dict[str, Any] = {
+        "started_at": started,
+        "status": STATUS_OK,
+        "error_type": None,
+        "error_message": None,
+        "source_sha256": None,
+        "source_format": None,
+        "source_mode": None,
+        "source_width": None,
+        "source_height": None,
+        "source_bits": None,
+        "source_pages": None,
+        "notes": None,
+        "data": b"",
+        "l_model": np.zeros((1, options.image_size, options.image_size), np.float32),
+    }
+    try:
+        data = read_bytes(row["source_uri"], storage_options=options.storage_options)
+        if data is None:  # read_bytes raises for a missing file; this keeps type checkers sure
+            raise FileNotFoundError(row["source_uri"])
+        out["source_sha256"] = hashlib.sha256(data).hexdigest()
+        out["source_size"] = len(data)
+        decoded = decode_image(data, max_pixels=options.max_pixels, draft_size=options.image_size)
+        out.update(
+            source_format=decoded.format,
+            source_mode=decoded.mode,
+            source_bits=decoded.bits,
+            source_pages=decoded.pages,
+            source_width=decoded.full_size[0],
+            source_height=decoded.full_size[1],
+            notes="; ".join(decoded.notes) or None,
+        )
+        # A JPEG may have been decoded at 1/2-1/8 scale (draft): plenty for the model input.
+        out["l_model"] = lightness_to_model_input(
+            image_to_lightness(decoded.pixels), options.image_size
+        )
+        out["data"] = data
+    except DecodeError as err:
+        out.update(_error_fields(err))
+    except FileNotFoundError as err:
+        out.update(_error_fields(err, "SourceMissing"))
+    except _IO_ERRORS as err:
+        out.update(_error_fields(err, "SourceUnreadable"))
+    out["decode_s"] = time.time() - started
+    return out
+
+
+class Colorizer:
+    """Batches of model-size L -> ab. One instance per actor: the model is loaded once.
+
+    On a GPU the actor holds one device and runs in bfloat16 (float16 where bf16 is missing).
+    On CPU it uses channels-last memory and, where the CPU has native bfloat16 (AVX-512 BF16
+    or AMX), bfloat16 autocast; the colour difference to float32 is measured in the bench.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_url: str,
+        expected_sha256: str,
+        use_gpu: bool = False,
+        precision: str = "auto",
+        threads: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        loaded = load_model(model_url, storage_options=storage_options)
+        if loaded.sha256 != expected_sha256:
+            # The artifact changed between the driver's check and this actor's load: refuse
+            # rather than colour half a run with another model.
+            raise RuntimeError(
+                f"{model_url}: model changed during the run ({loaded.sha256[:12]} != "
+                f"{expected_sha256[:12]})"
+            )
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        generator = loaded.generator.to(self.device)
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            generator = generator.to(memory_format=torch.channels_last)
+        self.generator = generator.eval()
+
+    def predict(self, l_model: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) float32 normalised L -> (B, 2, S, S) float32 ab in Lab units."""
+        tensor = torch.from_numpy(np.ascontiguousarray(l_model, dtype=np.float32))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        elif self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        ab = predict_ab_batch(self.generator, tensor, autocast_dtype=self.autocast_dtype)
+        return ab.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["status"] == STATUS_OK
+        count = len(ok)
+        size = batch["l_model"].shape[-1]
+        ab = np.zeros((count, 2, size, size), np.float32)
+        infer_s = np.zeros(count, np.float64)
+        if ok.any():
+            started = time.perf_counter()
+            ab[ok] = self.predict(batch["l_model"][ok])
+            infer_s[ok] = (time.perf_counter() - started) / int(ok.sum())
+        out = {key: value for key, value in batch.items() if key != "l_model"}
+        out["ab"] = ab
+        out["infer_s"] = infer_s
+        return out
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (else bf16 autocast is slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> the autocast dtype (None for float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def output_relative_path(relative_path: str) -> str:
+    """images/<source path relative to SRC, suffix replaced by .png> (DESIGN.md)."""
+    folder, _, name = relative_path.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return f"{folder}/{stem}.png" if folder else f"{stem}.png"
+
+
+def _sampled(rgb: np.ndarray) -> np.ndarray:
+    stride = max(
+        1, int(np.ceil(np.sqrt(rgb.shape[0] * rgb.shape[1] / _COLORFULNESS_SAMPLE_PIXELS)))
+    )
+    return rgb[::stride, ::stride]
+
+
+def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) -> dict[str, Any]:
+    """Full-resolution colour for one prepared input; returns its manifest fields.
+
+    ``row`` holds prepare_one's fields plus ``output_path`` (relative to DST/images).
+    """
+    started = time.time()
+    result: dict[str, Any] = {
+        "status": row["status"],
+        "error_type": row["error_type"],
+        "error_message": row["error_message"],
+        "output_uri": None,
+        "output_sha256": None,
+        "output_size": None,
+        "output_width": None,
+        "output_height": None,
+        "colorfulness": None,
+        "model_id": options.model_id,
+        "model_sha256": options.model_sha256,
+        "worker": socket.gethostname(),
+    }
+    if row["status"] == STATUS_OK:
+        output_uri = join(options.dst, "images", str(row["output_path"]))
+        try:
+            decoded = decode_image(bytes(row["data"]), max_pixels=options.max_pixels)
+            rgb = merge_full_resolution(image_to_lightness(decoded.pixels), ab, dtype=np.uint8)
+            provenance = Provenance(
+                source_uri=redact_uri(str(row["source_uri"])),
+                source_sha256=str(row["source_sha256"]),
+                model_id=options.model_id,
+                software=options.software,
+            )
+            png = encode_png(
+                rgb,
+                provenance,
+                exif=decoded.exif,
+                dpi=decoded.dpi,
+                compress_level=options.png_compress_level,
+            )
+            write_bytes_atomic(output_uri, png, storage_options=options.storage_options)
+            result.update(
+                output_uri=redact_uri(output_uri),
+                output_sha256=hashlib.sha256(png).hexdigest(),
+                output_size=len(png),
+                output_height=rgb.shape[0],
+                output_width=rgb.shape[1],
+                colorfulness=colorfulness(_sampled(rgb)),
+            )
+        except DecodeError as err:
+            result.update(_error_fields(err))
+        except MemoryError as err:
+            # One oversized scan must not take the run down with it.
+            result.update(_error_fields(err, "OutOfMemory"))
+        except _IO_ERRORS as err:
+            result.update(_error_fields(err, "OutputUnwritable"))
+    result["finalize_s"] = time.time() - started
+    result["finished_at"] = time.time()
+    return result
+
+
+# --- Ray Data batch wrappers: columns in, columns out --------------------------------------
+
+_PREPARED_COLUMNS = (
+    "source_sha256", "source_format", "source_mode", "source_bits", "source_pages", "notes",
+    "source_width", "source_height",
+    "status", "error_type", "error_message", "started_at", "decode_s",
+)  # fmt: skip
+
+
+def prepare_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[str, np.ndarray]:
+    """Ray Data map_batches wrapper around prepare_one."""
+    count = len(batch["source_uri"])
+    rows = [prepare_one({k: v[i] for k, v in batch.items()}, options) for i in range(count)]
+    out = dict(batch)
+    for column in _PREPARED_COLUMNS:
+        out[column] = np.array([r[column] for r in rows], dtype=object)
+    out["source_size"] = np.array([r.get("source_size", batch["source_size"][i])
+                                   for i, r in enumerate(rows)], dtype=np.int64)  # fmt: skip
+    out["data"] = np.array([r["data"] for r in rows], dtype=object)
+    out["l_model"] = np.stack([r["l_model"] for r in rows]).astype(np.float32)
+    return out
+
+
+def finalize_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[str, np.ndarray]:
+    """Ray Data map_batches wrapper around finalize_one; drops the bytes and arrays."""
+    count = len(batch["source_uri"])
+    rows = []
+    for i in range(count):
+        row = {k: v[i] for k, v in batch.items() if k not in ("ab", "data")}
+        row["data"] = batch["data"][i]
+        rows.append({**row, **finalize_one(row, batch["ab"][i], options)})
+    return (
+        {
+            key: np.array([r.get(key) for r in rows], dtype=object)
+            for key in rows[0]
+            if key not in ("data", "l_model")
+        }
+        if rows
+        else {}
+    )
