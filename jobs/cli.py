@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Create and inspect model artifacts.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(help="Measure speed, side by side, on this machine.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def package_version() -> str:
@@ -102,8 +104,8 @@ def model_info(
         typer.echo(f"provenance {key}: {value}")
 
 
-@model_app.command("bench")
-def model_bench(
+@bench_app.command("forward")
+def bench_forward(
     source: Annotated[
         str | None, typer.Argument(help="Model artifact; default: the reference architecture.")
     ] = None,
@@ -148,6 +150,61 @@ def model_bench(
             f"{row.batch_size:>5} {row.precision:>9} {row.seconds_per_batch:>9.3f} "
             f"{row.images_per_second:>9.2f} {row.mean_abs_ab_diff:>14.4f}"
         )
+
+
+@bench_app.command("pipeline")
+def bench_pipeline_command(
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model artifact; default: reference.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Generated 512×384 JPEG scans.")] = 128,
+    src: Annotated[
+        str | None, typer.Option(help="Use these scans instead of generated ones.")
+    ] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating plain/Ray rounds.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Ray pipeline vs a plain loop over the same functions, and the model alone."""
+    import dataclasses
+    import tempfile
+
+    from jobs.bench import sample_jpegs
+    from jobs.bench_pipeline import bench_pipeline
+    from jobs.runtime import ensure_ray
+    from models.networks import UNetGenerator, init_weights
+    from pipeline.colorize import PRECISIONS
+    from pipeline.model_store import save_model
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(
+            f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}",
+            param_hint="'--precision'",
+        )
+    with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
+        if model is None:
+            generator = UNetGenerator()
+            init_weights(generator)
+            model = f"{scratch}/model"
+            save_model(generator, model, name="reference-untrained")
+        if src is None:
+            src = f"{scratch}/scans"
+            typer.echo(f"writing {images} sample scans (512×384 JPEG) ...", err=True)
+            sample_jpegs(src, images)
+        ensure_ray()
+        result = bench_pipeline(
+            src, model, rounds=rounds, batch_size=batch_size, precision=precision,
+            software=f"chromascan {package_version()}",
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({**dataclasses.asdict(result), "ratio": result.ratio}, indent=2))
+        return
+    typer.echo(f"{result.images} scans, batch {batch_size}, precision {precision}")
+    typer.echo(f"plain loop   {', '.join(f'{r:.2f}' for r in result.plain_images_per_s)} images/s")
+    typer.echo(f"ray pipeline {', '.join(f'{r:.2f}' for r in result.ray_images_per_s)} images/s")
+    typer.echo(f"model alone  {result.forward_images_per_s:.2f} images/s")
+    typer.echo(f"ray / plain  {result.ratio:.2f}×")
 
 
 @app.command("demo")

@@ -315,3 +315,16 @@ def test_cli_bad_locations(
         main(["colorize", str(tmp_path), str(tmp_path / "o"), "-m", str(tmp_path / "nomodel")]) == 1
     )
     assert "nomodel/model.json: missing" in capsys.readouterr().err
+
+
+def test_bench_pipeline_runs_both_sides(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["bench", "pipeline", "--model", str(model_dir), "--images", "6", "--rounds", "1",
+                 "--batch-size", "4", "--json"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 6
+    assert len(result["plain_images_per_s"]) == len(result["ray_images_per_s"]) == 1
+    assert result["ratio"] > 0
+    assert result["forward_images_per_s"] > 0

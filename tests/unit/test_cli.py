@@ -113,7 +113,7 @@ def test_model_bench_prints_each_combination(
         capsys, "model", "init", str(tmp_path), "--width", "4", "--depth", "5", "--image-size", "32"
     )
     code, out, _ = _run(
-        capsys, "model", "bench", str(tmp_path), "-b", "1", "-b", "2", "-p", "fp32", "-p", "bf16",
+        capsys, "bench", "forward", str(tmp_path), "-b", "1", "-b", "2", "-p", "fp32", "-p", "bf16",
         "--repeats", "1",
     )  # fmt: skip
     assert code == 0
@@ -129,6 +129,6 @@ def test_model_bench_prints_each_combination(
 
 
 def test_model_bench_refuses_unknown_precision(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "model", "bench", "-p", "int3")
+    code, _, err = _run(capsys, "bench", "forward", "-p", "int3")
     assert code == 2
     assert "unknown precision 'int3'" in err
