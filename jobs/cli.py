@@ -12,6 +12,7 @@ import typer
 
 from jobs.colorize import colorize_command
 from jobs.errors import USER_ERRORS
+from jobs.train import train_command
 
 app = typer.Typer(
     name="chromascan",
@@ -221,6 +222,7 @@ def demo(
 
 
 app.command("colorize")(colorize_command)
+app.command("train")(train_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def colorize_command(
     ] = "auto",
     png_level: Annotated[
         int, typer.Option(min=0, max=9, help="PNG zlib level: 1 fastest, 9 smallest.")
-    ] = 6,
+    ] = 1,
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
     ] = False,

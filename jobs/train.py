@@ -10,6 +10,7 @@ unreachable bucket costs a second, not a cluster start. Progress goes to stderr;
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -137,7 +138,7 @@ def train_command(
     from models.artifact import validate_model_name
     from models.config import DiscriminatorConfig, GeneratorConfig
     from pipeline.train_data import DEFAULT_VAL_FRACTION, list_training_photos
-    from pipeline.training import EXPORT_CHOICES, TrainConfig, TrainingConfigError
+    from pipeline.training import EXPORT_CHOICES, TrainConfig
 
     # 1. Flags, all before any I/O.
     if val is not None and val_fraction is not None:
@@ -174,7 +175,7 @@ def train_command(
             bf16=bf16,
             seed=seed,
         )
-    except (ValueError, TrainingConfigError) as err:
+    except ValueError as err:  # TrainingConfigError and the network configs
         raise typer.BadParameter(str(err)) from err
 
     # 2. The photos: listed and split on this machine, before Ray starts.
@@ -231,6 +232,8 @@ def run_train_job(
 
     # 3. Decode the photos once, on the cluster.
     ensure_ray(address)
+    # The skipped photos are printed below; the library's own warnings would repeat them.
+    logging.getLogger("pipeline.train_data").setLevel(logging.ERROR)
     progress(
         f"data     {listing.train.num_rows + listing.val.num_rows} images listed under "
         f"{listing.source_url}; decoding at {config.image_size}² (+ crop margin)"

@@ -26,7 +26,13 @@ from models.colour import (
     rgb_to_lightness,
 )
 
-DEFAULT_STRIP_ROWS = 512  # rows merged at once: bounds float memory to ~60 B × width × rows
+# Pixels converted at once: bounds the float working set (~100 bytes a pixel across the
+# temporaries of Lab -> sRGB) to ~100 MB whatever the scan's width.
+STRIP_PIXELS = 1 << 20
+
+
+def _strip_rows(width: int, strip_rows: int | None) -> int:
+    return strip_rows or max(1, STRIP_PIXELS // max(width, 1))
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def _to_unit_float(image: np.ndarray) -> tuple[np.ndarray, np.dtype]:
     )
 
 
-def image_to_lightness(image: np.ndarray, *, strip_rows: int = DEFAULT_STRIP_ROWS) -> np.ndarray:
+def image_to_lightness(image: np.ndarray, *, strip_rows: int | None = None) -> np.ndarray:
     """Grey (H, W) / (H, W, 1) or colour (H, W, 3) / (H, W, 4) -> L* (H, W) float32.
 
     A colour or sepia scan keeps only its lightness: the model decides the colours. Alpha is
@@ -79,6 +85,7 @@ def image_to_lightness(image: np.ndarray, *, strip_rows: int = DEFAULT_STRIP_ROW
     height, width = image.shape[:2]
     if height == 0 or width == 0:
         raise ValueError(f"image is empty: {width}×{height}")
+    strip_rows = _strip_rows(width, strip_rows)
     lightness = np.empty((height, width), dtype=np.float32)
     for top in range(0, height, strip_rows):
         strip, _ = _to_unit_float(image[top : top + strip_rows])
@@ -102,7 +109,7 @@ def lightness_to_model_input(lightness: np.ndarray, image_size: int) -> np.ndarr
 
 
 def prepare_image(
-    image: np.ndarray, image_size: int, *, strip_rows: int = DEFAULT_STRIP_ROWS
+    image: np.ndarray, image_size: int, *, strip_rows: int | None = None
 ) -> PreparedImage:
     """Everything colourising needs from a decoded image (see PreparedImage)."""
     _, dtype = _to_unit_float(image[:1, :1])
@@ -148,7 +155,7 @@ def merge_full_resolution(
     ab: np.ndarray,
     *,
     dtype: np.dtype | type = np.uint8,
-    strip_rows: int = DEFAULT_STRIP_ROWS,
+    strip_rows: int | None = None,
 ) -> np.ndarray:
     """Full-resolution L* (H, W) + model-size ab (2, s, s) -> sRGB (H, W, 3) of ``dtype``.
 
@@ -177,6 +184,7 @@ def merge_full_resolution(
     )[0]
     row0, row1, weight = _row_interpolation(height, ab.shape[1])
     output = np.empty((height, width, 3), dtype=out_dtype)
+    strip_rows = _strip_rows(width, strip_rows)
     for top in range(0, height, strip_rows):
         rows = slice(top, min(top + strip_rows, height))
         w = torch.from_numpy(weight[rows]).view(1, -1, 1)
@@ -194,7 +202,7 @@ def colorize_image(
     image_size: int | None = None,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
-    strip_rows: int = DEFAULT_STRIP_ROWS,
+    strip_rows: int | None = None,
 ) -> np.ndarray:
     """Colourise a grey or colour image of any size; the result has the same height and width.
 

@@ -61,7 +61,9 @@ class ColorizeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger scans fail with ImageTooLarge
     limit: int | None = None  # colour at most this many inputs (in listing order)
     precision: str = "auto"  # auto: bf16 on GPUs and on CPUs with native bf16, else fp32
-    png_compress_level: int = 6  # zlib level of output PNGs: 1 fastest, 9 smallest
+    # zlib level of output PNGs. 1 is the default by measurement: against level 6 it encodes
+    # 2.5-4x faster (512² photo 21 vs 70 ms; 60 MP scan 4.3 vs 17.7 s) for files 5-20% larger.
+    png_compress_level: int = 1
     threads_per_actor: int | None = None  # torch threads in each CPU actor; None: Ray's share
     rows_per_block: int = 4  # inputs per prepare/finalize task: small, so work spreads
     flush_rows: int = 256  # manifest rows per Parquet part file (at most)

@@ -96,7 +96,7 @@ def encode_png(
     *,
     exif: bytes | None = None,
     dpi: tuple[float, float] | None = None,
-    compress_level: int = 6,
+    compress_level: int = 1,
 ) -> bytes:
     """(H, W, 3) uint8 sRGB -> PNG bytes with the provenance above embedded."""
     info = PngInfo()

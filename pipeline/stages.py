@@ -54,7 +54,7 @@ class StageOptions:
     image_size: int
     software: str
     max_pixels: int = DEFAULT_MAX_PIXELS
-    png_compress_level: int = 6
+    png_compress_level: int = 1
     # Credentials for S3-compatible stores when not in the workers' environment; never
     # written to the manifest, the run summary or a log line.
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)

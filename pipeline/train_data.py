@@ -75,6 +75,14 @@ class TrainingDataError(ValueError):
     """The photos cannot train a model: none found, none usable, or too few for the setup."""
 
 
+class TrainingConfigError(ValueError):
+    """Training settings that cannot work, or cannot continue the run already in OUTPUT.
+
+    Defined here rather than in pipeline.training so that the CLI can name it without
+    importing Ray Train.
+    """
+
+
 class GreyPhotoError(ValueError):
     """A decodable photo without colour; the generator would learn nothing but ab = 0."""
 

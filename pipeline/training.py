@@ -67,6 +67,7 @@ from pipeline.model_store import save_model
 from pipeline.stages import cpu_has_native_bf16
 from pipeline.storage import filesystem, join, write_bytes_atomic
 from pipeline.train_data import (
+    TrainingConfigError,
     TrainingData,
     portable_storage_options,
     random_crop_flip,
@@ -109,10 +110,6 @@ FINAL_METRIC_KEYS = (
 _PSNR_CAP_DB = 100.0  # a perfect colourisation has infinite PSNR; the mean needs a number
 _SAMPLE_GUTTER = 2  # pixels between the tiles of the sample grid
 _SHUFFLE_BUFFER_ROWS = 256  # per worker: 63 MB at 286², enough to mix small shards fully
-
-
-class TrainingConfigError(ValueError):
-    """Settings that cannot work, or that cannot continue the run already in OUTPUT."""
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from pipeline.model_store import save_model
 from pipeline.provenance import DIGITAL_SOURCE_TYPE, read_png_provenance, srgb_icc_profile
 from pipeline.schema import MANIFEST_COLUMNS
 from tests.integration.corpus import Entry, make_corpus
-from tests.integration.ray_cluster import ray_local  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
