@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.colorize import colorize_command
+from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import USER_ERRORS
 from jobs.train import train_command
 
@@ -222,6 +222,7 @@ def demo(
 
 
 app.command("colorize")(colorize_command)
+app.command("nightly")(nightly_command)
 app.command("train")(train_command)
 
 

@@ -56,12 +56,25 @@ def colorize_command(
     png_level: Annotated[
         int, typer.Option(min=0, max=9, help="PNG zlib level: 1 fastest, 9 smallest.")
     ] = 1,
+    incremental: Annotated[
+        bool,
+        typer.Option(help="Skip scans DST's manifests already have done (resumes a crashed run)."),
+    ] = True,
+    retry_failed: Annotated[
+        bool, typer.Option(help="With --incremental, try scans that failed before again.")
+    ] = True,
+    any_model: Annotated[
+        bool, typer.Option(help="With --incremental, scans done by another model count as done.")
+    ] = False,
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
     ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
     ] = None,
+    flush_seconds: Annotated[
+        float, typer.Option(min=0.0, hidden=True, help="Manifest flush interval (tuning).")
+    ] = 30.0,
 ) -> None:
     """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
     from jobs.cli import package_version
@@ -78,16 +91,24 @@ def colorize_command(
             limit=limit,
             precision=precision,
             png_compress_level=png_level,
+            incremental=incremental,
+            retry_failed=retry_failed,
+            any_model=any_model,
+            flush_seconds=flush_seconds,
         )
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
-    ensure_ray(address)
     summary = run_colorize(
-        config, software=f"chromascan {package_version()}", progress=_ProgressPrinter()
+        config,
+        software=f"chromascan {package_version()}",
+        progress=_ProgressPrinter(),
+        connect=lambda: ensure_ray(address),
     )
+    not_attempted = summary.listed - summary.attempted - summary.skipped
     typer.echo(
         f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, "
-        f"{summary.listed - summary.attempted} not attempted, of {summary.listed} listed; "
+        f"{summary.skipped} already done, {not_attempted} not attempted, "
+        f"of {summary.listed} listed; "
         f"{summary.images_per_second:.2f} images/s over {summary.elapsed_s:.1f} s"
     )
     for error_type, count in summary.error_types.items():
@@ -104,3 +125,38 @@ def colorize_command(
             err=True,
         )
         raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+def nightly_command(
+    src: Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucket/prefix).")],
+    dst: Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")],
+    gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
+    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
+    ] = DEFAULT_MAX_PIXELS,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Try scans that failed in earlier runs again.")
+    ] = True,
+    any_model: Annotated[
+        bool, typer.Option(help="Scans done by another model count as done (no re-colouring).")
+    ] = False,
+    allow_failures: Annotated[
+        bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
+    ] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
+    ] = None,
+) -> None:
+    """Colour only what is new since the last run: new, changed and previously failed scans.
+
+    The ledger is every manifest under DST. A scan is done when it has an ok row for its current
+    version (ETag or mtime) by this model; a new model re-colours everything unless --any-model.
+    """
+    colorize_command(
+        src, dst, model, gpu=gpu, actors=actors, batch_size=batch_size, max_pixels=max_pixels,
+        limit=None, precision="auto", png_level=1, incremental=True, retry_failed=retry_failed,
+        any_model=any_model, allow_failures=allow_failures, address=address,
+    )  # fmt: skip

@@ -260,7 +260,7 @@ def test_cli_colorize_summary_and_exit_codes(
     argv = ["colorize", str(root / "good"), str(tmp_path / "a"), "--model", str(model_dir)]
     assert main([*argv, "--limit", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"3 ok, 0 failed, {good - 3} not attempted, of {good} listed" in out
+    assert f"3 ok, 0 failed, 0 already done, {good - 3} not attempted, of {good} listed" in out
 
     argv = ["colorize", str(root), str(tmp_path / "b"), "--model", str(model_dir)]
     assert main(argv) == 3  # some inputs failed
