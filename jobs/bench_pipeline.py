@@ -101,3 +101,33 @@ def bench_pipeline(
         forward_images_per_s=forward_rate(model_url, batch_size=batch_size, precision=precision),
         precision=precision,
     )
+
+
+@dataclass(frozen=True)
+class NightlyBench:
+    images: int
+    first_run_s: float
+    unchanged_rerun_s: float
+
+    @property
+    def fraction(self) -> float:
+        return self.unchanged_rerun_s / self.first_run_s
+
+
+def bench_nightly(src: str, model_url: str, *, software: str) -> NightlyBench:
+    """A first incremental run over src, then the same run again with nothing new."""
+    images = len(list_images(src))
+    scratch = tempfile.mkdtemp(prefix="chromascan-bench-")
+    try:
+        config = ColorizeConfig(src=src, dst=f"{scratch}/out", model=model_url, incremental=True)
+        started = time.perf_counter()
+        run_colorize(config, software=software)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        summary = run_colorize(config, software=software)
+        again = time.perf_counter() - started
+        if summary.attempted:
+            raise RuntimeError(f"the unchanged re-run coloured {summary.attempted} scans")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return NightlyBench(images=images, first_run_s=first, unchanged_rerun_s=again)

@@ -208,6 +208,40 @@ def bench_pipeline_command(
     typer.echo(f"ray / plain  {result.ratio:.2f}×")
 
 
+@bench_app.command("nightly")
+def bench_nightly_command(
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model artifact; default: reference.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Generated 512×384 JPEG scans.")] = 2000,
+) -> None:
+    """An unchanged nightly re-run's time as a fraction of the first run's."""
+    import tempfile
+
+    from jobs.bench import sample_jpegs
+    from jobs.bench_pipeline import bench_nightly
+    from jobs.runtime import ensure_ray
+    from models.networks import UNetGenerator, init_weights
+    from pipeline.model_store import save_model
+
+    with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
+        if model is None:
+            generator = UNetGenerator()
+            init_weights(generator)
+            model = f"{scratch}/model"
+            save_model(generator, model, name="reference-untrained")
+        typer.echo(f"writing {images} sample scans (512×384 JPEG) ...", err=True)
+        sample_jpegs(f"{scratch}/scans", images)
+        ensure_ray()
+        result = bench_nightly(
+            f"{scratch}/scans", model, software=f"chromascan {package_version()}"
+        )
+    typer.echo(
+        f"{result.images} scans: first run {result.first_run_s:.1f} s, unchanged re-run "
+        f"{result.unchanged_rerun_s:.2f} s = {100 * result.fraction:.1f}% of the first"
+    )
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
