@@ -21,6 +21,7 @@ import typer
 from models.artifact import DEFAULT_MODEL_NAME
 
 MAX_DEPTH = 8  # the reference U-Net's depth; deeper adds nothing at 256²
+MIN_DEFAULT_DEPTH = 5  # shallower U-Nets see too little context to colour anything
 _SKIPPED_SHOWN = 20  # skipped photos listed on the terminal; train.json has them all
 
 
@@ -160,12 +161,23 @@ def train_command(
         validate_model_name(name)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="'--name'") from err
+    if depth is None:
+        depth = default_depth(image_size)
+        if depth < MIN_DEFAULT_DEPTH:
+            raise typer.BadParameter(
+                f"{image_size} allows a U-Net of depth {depth} only (the side must be a multiple "
+                f"of 2**depth); use a multiple of {2**MIN_DEFAULT_DEPTH} such as 64, 128 or 256, "
+                "or set --depth",
+                param_hint="'--image-size'",
+            )
     try:
         config = TrainConfig(
             generator=GeneratorConfig(
                 width=width,
-                depth=default_depth(image_size) if depth is None else depth,
+                depth=depth,
                 image_size=image_size,
+                # The innermost up blocks with dropout: 3 in pix2pix, fewer in shallow U-Nets.
+                dropout_blocks=min(3, depth - 2),
             ),
             discriminator=DiscriminatorConfig(width=width),
             epochs=epochs,

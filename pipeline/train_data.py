@@ -174,8 +174,9 @@ def split_listing(
         for path in listing.column("relative_path").to_pylist()
     ]
     order = sorted(range(count), key=keys.__getitem__)
-    val_rows = sorted(order[:held_out])
-    train_rows = sorted(order[held_out:])
+    # Typed indices: an empty Python list would be a null array, which take() refuses.
+    val_rows = pa.array(sorted(order[:held_out]), type=pa.int64())
+    train_rows = pa.array(sorted(order[held_out:]), type=pa.int64())
     return listing.take(train_rows), listing.take(val_rows)
 
 
