@@ -68,7 +68,7 @@ def forward_rate(model_url: str, *, batch_size: int, precision: str, repeats: in
 
 def bench_pipeline(
     src: str, model_url: str, *, rounds: int, batch_size: int, precision: str, software: str,
-    actors: int = 1, threads_per_actor: int | None = None,
+    actors: int = 1, actor_cpus: int = 1,
 ) -> PipelineBench:  # fmt: skip
     images = len(list_images(src))
     plain: list[float] = []
@@ -87,7 +87,7 @@ def bench_pipeline(
             run_colorize(
                 ColorizeConfig(src=src, dst=dst, model=model_url, batch_size=batch_size,
                                precision=precision, actors=actors,
-                               threads_per_actor=threads_per_actor),
+                               actor_cpus=actor_cpus),
                 software=software,
             )  # fmt: skip
             ray_rates.append(images / (time.perf_counter() - started))

@@ -44,6 +44,9 @@ def colorize_command(
     gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
     actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    actor_cpus: Annotated[
+        int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")
+    ] = 1,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
     ] = DEFAULT_MAX_PIXELS,
@@ -77,8 +80,6 @@ def colorize_command(
     ] = 30.0,
 ) -> None:
     """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
-    from jobs.cli import package_version
-
     try:
         config = ColorizeConfig(
             src=src,
@@ -87,6 +88,7 @@ def colorize_command(
             gpu=gpu,
             actors=actors,
             batch_size=batch_size,
+            actor_cpus=actor_cpus,
             max_pixels=max_pixels,
             limit=limit,
             precision=precision,
@@ -98,6 +100,13 @@ def colorize_command(
         )
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
+    _execute(config, address=address, allow_failures=allow_failures)
+
+
+def _execute(config: ColorizeConfig, *, address: str | None, allow_failures: bool) -> None:
+    """Run, print the summary, exit 3 when inputs failed (unless they are allowed to)."""
+    from jobs.cli import package_version
+
     summary = run_colorize(
         config,
         software=f"chromascan {package_version()}",
@@ -114,7 +123,7 @@ def colorize_command(
     for error_type, count in summary.error_types.items():
         typer.echo(f"  failed: {count} × {error_type}")
     typer.echo(f"model    {summary.model_id}")
-    typer.echo(f"images   {dst.rstrip('/')}/images/")
+    typer.echo(f"images   {config.dst.rstrip('/')}/images/")
     typer.echo(f"manifest {summary.manifest_uri}/")
     typer.echo(f"summary  {summary.summary_uri}")
     sys.stdout.flush()
@@ -134,6 +143,9 @@ def nightly_command(
     gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
     actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    actor_cpus: Annotated[
+        int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")
+    ] = 1,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
     ] = DEFAULT_MAX_PIXELS,
@@ -155,8 +167,20 @@ def nightly_command(
     The ledger is every manifest under DST. A scan is done when it has an ok row for its current
     version (ETag or mtime) by this model; a new model re-colours everything unless --any-model.
     """
-    colorize_command(
-        src, dst, model, gpu=gpu, actors=actors, batch_size=batch_size, max_pixels=max_pixels,
-        limit=None, precision="auto", png_level=1, incremental=True, retry_failed=retry_failed,
-        any_model=any_model, allow_failures=allow_failures, address=address,
-    )  # fmt: skip
+    try:
+        config = ColorizeConfig(
+            src=src,
+            dst=dst,
+            model=model,
+            gpu=gpu,
+            actors=actors,
+            actor_cpus=actor_cpus,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            incremental=True,
+            retry_failed=retry_failed,
+            any_model=any_model,
+        )
+    except ColorizeError as err:
+        raise typer.BadParameter(str(err)) from err
+    _execute(config, address=address, allow_failures=allow_failures)

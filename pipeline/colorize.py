@@ -65,7 +65,7 @@ class ColorizeConfig:
     # zlib level of output PNGs. 1 is the default by measurement: against level 6 it encodes
     # 2.5-4x faster (512² photo 21 vs 70 ms; 60 MP scan 4.3 vs 17.7 s) for files 5-20% larger.
     png_compress_level: int = 1
-    threads_per_actor: int | None = None  # torch threads in each CPU actor; None: Ray's share
+    actor_cpus: int = 1  # CPUs each colorizer actor reserves, and its torch threads
     incremental: bool = True  # skip inputs the ledger (DST's manifests) already has done
     retry_failed: bool = True  # incremental: inputs that failed before are tried again
     any_model: bool = False  # incremental: done by any model counts (else only this model)
@@ -76,6 +76,8 @@ class ColorizeConfig:
     def __post_init__(self) -> None:
         if self.actors < 1:
             raise ColorizeError(f"actors must be at least 1, got {self.actors}")
+        if self.actor_cpus < 1:
+            raise ColorizeError(f"actor CPUs must be at least 1, got {self.actor_cpus}")
         if self.batch_size < 1:
             raise ColorizeError(f"batch size must be at least 1, got {self.batch_size}")
         if self.max_pixels < 1:
@@ -282,6 +284,9 @@ def run_colorize(
         if listing.num_rows == 0:
             raise ColorizeError(f"{config.src}: no images found (looked for jpg, png, tif, ...)")
     listed = listing.num_rows
+    # Output names from the whole listing, so a name collision resolves the same way whatever
+    # the ledger or --limit leaves to do in this run.
+    listing = with_output_paths(listing)
     already_done = 0
     if config.incremental:
         ledger = read_manifest(
@@ -299,7 +304,6 @@ def run_colorize(
         already_done = listed - listing.num_rows
     if config.limit is not None:
         listing = listing.slice(0, config.limit)
-    listing = with_output_paths(listing)
     options = StageOptions(
         run_id=run_id,
         dst=config.dst,
@@ -382,13 +386,13 @@ def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) ->
             "expected_sha256": options.model_sha256,
             "use_gpu": config.gpu,
             "precision": config.precision,
-            "threads": config.threads_per_actor,
+            "threads": config.actor_cpus,
             "storage_options": options.storage_options,
         },
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_gpus=1 if config.gpu else 0,
-        num_cpus=1,
+        num_cpus=config.actor_cpus,
     )
     dataset = dataset.map_batches(
         finalize_batch, batch_size=1, fn_kwargs={"options": options}, num_cpus=1
