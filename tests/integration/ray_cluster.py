@@ -18,6 +18,7 @@ TEST_CLUSTER_CPUS = 4
 def ray_local() -> Iterator[dict[str, object]]:
     """Start (once) a local Ray cluster; yields ray.init's context info."""
     import ray
+    import torch
 
     # Workers must import this checkout's packages (models/, pipeline/) like the driver does.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +30,8 @@ def ray_local() -> Iterator[dict[str, object]]:
     temp_dir = tempfile.mkdtemp(prefix="cs-ray-")
     context = ray.init(
         num_cpus=TEST_CLUSTER_CPUS,
-        num_gpus=0,
+        # GPU paths are tested where there is one (a lent GPU machine); CI has none.
+        num_gpus=torch.cuda.device_count(),
         include_dashboard=False,
         _temp_dir=temp_dir,
         logging_level="WARNING",

@@ -327,3 +327,25 @@ def test_bench_pipeline_runs_both_sides(
     assert len(result["plain_images_per_s"]) == len(result["ray_images_per_s"]) == 1
     assert result["ratio"] > 0
     assert result["forward_images_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_actor_matches_cpu(
+    corpus: tuple[Path, list[Entry]], model_dir: Path, tmp_path: Path
+) -> None:
+    root, _ = corpus
+    runs = {}
+    for name, gpu in (("cpu", False), ("gpu", True)):
+        run_colorize(
+            ColorizeConfig(src=str(root / "good"), dst=str(tmp_path / name), model=str(model_dir),
+                           gpu=gpu, precision="bf16" if gpu else "fp32"),
+            software="chromascan test",
+        )  # fmt: skip
+        runs[name] = {
+            p.name: np.asarray(Image.open(p), int) for p in (tmp_path / name).rglob("*.png")
+        }
+    assert runs["cpu"].keys() == runs["gpu"].keys()
+    for key, pixels in runs["cpu"].items():
+        # bf16 on the GPU vs fp32 on the CPU: within 3 levels on average, same L by design.
+        assert np.abs(runs["gpu"][key] - pixels).mean() < 3
