@@ -153,6 +153,17 @@ def bench_forward(
         )
 
 
+def _reference_model(scratch: str) -> str:
+    """An untrained reference-size artifact: speed does not depend on what the weights learned."""
+    from models.networks import UNetGenerator, init_weights
+    from pipeline.model_store import save_model
+
+    generator = UNetGenerator()
+    init_weights(generator)
+    save_model(generator, f"{scratch}/model", name="reference-untrained")
+    return f"{scratch}/model"
+
+
 @bench_app.command("pipeline")
 def bench_pipeline_command(
     model: Annotated[
@@ -174,9 +185,7 @@ def bench_pipeline_command(
     from jobs.bench import sample_jpegs
     from jobs.bench_pipeline import bench_pipeline
     from jobs.runtime import ensure_ray
-    from models.networks import UNetGenerator, init_weights
     from pipeline.colorize import PRECISIONS
-    from pipeline.model_store import save_model
 
     if precision not in PRECISIONS:
         raise typer.BadParameter(
@@ -184,11 +193,7 @@ def bench_pipeline_command(
             param_hint="'--precision'",
         )
     with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
-        if model is None:
-            generator = UNetGenerator()
-            init_weights(generator)
-            model = f"{scratch}/model"
-            save_model(generator, model, name="reference-untrained")
+        model = model or _reference_model(scratch)
         if src is None:
             src = f"{scratch}/scans"
             typer.echo(f"writing {images} sample scans (512×384 JPEG) ...", err=True)
@@ -221,15 +226,9 @@ def bench_nightly_command(
     from jobs.bench import sample_jpegs
     from jobs.bench_pipeline import bench_nightly
     from jobs.runtime import ensure_ray
-    from models.networks import UNetGenerator, init_weights
-    from pipeline.model_store import save_model
 
     with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
-        if model is None:
-            generator = UNetGenerator()
-            init_weights(generator)
-            model = f"{scratch}/model"
-            save_model(generator, model, name="reference-untrained")
+        model = model or _reference_model(scratch)
         typer.echo(f"writing {images} sample scans (512×384 JPEG) ...", err=True)
         sample_jpegs(f"{scratch}/scans", images)
         ensure_ray()
