@@ -12,6 +12,7 @@ import typer
 
 from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import USER_ERRORS
+from jobs.manifest_cli import manifest_app
 from jobs.train import train_command
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ model_app = typer.Typer(help="Create and inspect model artifacts.", no_args_is_h
 app.add_typer(model_app, name="model")
 bench_app = typer.Typer(help="Measure speed, side by side, on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(manifest_app, name="manifest")
 
 
 def package_version() -> str:

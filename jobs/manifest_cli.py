@@ -1,0 +1,357 @@
+"""``chromascan manifest ...``: read, check, export and report on what colorize runs wrote.
+
+Pipeline modules are imported inside each command, like the rest of the CLI, so that
+``--help`` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+EXIT_PROBLEMS = 3  # the command ran and found problems (like colorize's "some inputs failed")
+
+manifest_app = typer.Typer(
+    help="Read, check, export and report on what colorize runs wrote to DST.",
+    no_args_is_help=True,
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+DstArgument = Annotated[
+    str,
+    typer.Argument(metavar="DST", help="Colorize destination: folder or URL (s3://bucket/prefix)."),
+]
+FORMATS = ("table", "csv", "json")
+STATUSES = ("ok", "failed", "skipped")  # pipeline.manifest_tools.STATUSES, without its imports
+
+
+def _choice(value: str | None, choices: tuple[str, ...], what: str, option: str) -> str | None:
+    # Checked here rather than with an Enum so that the message reads like the rest of the CLI
+    # ("unknown precision 'int4'; choose from ...") instead of the validator's wording.
+    if value is None or value.lower() in choices:
+        return value.lower() if value else value
+    raise typer.BadParameter(
+        f"unknown {what} {value!r}; choose from {', '.join(choices)}", param_hint=f"'{option}'"
+    )
+
+
+def _one_line_errors(command: _F) -> _F:
+    """ManifestToolError (no manifest, a bag that cannot be made) as one line and exit 1.
+
+    Storage and file errors already get that treatment from jobs.cli.main.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.manifest_tools import ManifestToolError
+
+        try:
+            return command(*args, **kwargs)
+        except ManifestToolError as err:
+            typer.echo(f"chromascan: {err}", err=True)
+            raise typer.Exit(1) from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _printable(text: str) -> str:
+    """One line whatever a file name holds: control characters shown as \\xNN."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def _software() -> str:
+    from jobs.cli import package_version
+
+    return f"chromascan {package_version()}"
+
+
+def _megabytes(octets: int) -> str:
+    return f"{octets / 1e6:,.1f} MB"
+
+
+# --- summary -------------------------------------------------------------------------------
+
+
+@manifest_app.command("summary")
+@_one_line_errors
+def summary_command(
+    dst: DstArgument,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    top: Annotated[int, typer.Option(min=1, help="Error types listed per run and overall.")] = 5,
+) -> None:
+    """Per run and overall: counts by status, top error types, throughput, models used."""
+    import dataclasses
+
+    from pipeline.manifest_tools import open_manifest, summarize
+    from pipeline.manifest_tools import top as largest
+
+    summary = summarize(open_manifest(dst), dst)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(summary), indent=2, sort_keys=True))
+        return
+
+    def counts(values: dict[str, int]) -> str:
+        return ", ".join(f"{count} {name}" for name, count in values.items()) or "none"
+
+    typer.echo(f"DST {summary.dst}")
+    for run in summary.runs:
+        timing = "" if run.timing_from == "run summary" else " (no run summary: row times)"
+        rate = "" if run.images_per_second is None else f"; {run.images_per_second:.2f} images/s"
+        elapsed = "" if run.elapsed_s is None else f" over {run.elapsed_s:,.1f} s"
+        typer.echo(f"run {run.run_id}  {run.started_at or '?'} to {run.finished_at or '?'}")
+        typer.echo(f"  {run.rows} rows: {counts(run.statuses)}{rate}{elapsed}{timing}")
+        if run.listed is not None:
+            typer.echo(f"  listed {run.listed}, {run.already_done or 0} already done before")
+        typer.echo(f"  models: {counts(run.models)}")
+        for name, count in largest(run.error_types, top):
+            typer.echo(f"  failed: {count} × {name}")
+    typer.echo(
+        f"all runs: {len(summary.runs)} runs, {summary.rows} rows: {counts(summary.statuses)}"
+    )
+    typer.echo(
+        f"sources: {summary.sources}, by latest attempt: {counts(summary.latest_statuses)}; "
+        f"outputs: {summary.outputs}"
+    )
+    for name, count in largest(summary.error_types, top):
+        typer.echo(f"failing now: {count} × {name}")
+    typer.echo(f"models: {counts(summary.models)}")
+    if summary.images_per_second is not None:
+        typer.echo(
+            f"throughput: {summary.images_per_second:.2f} images/s "
+            f"over {summary.elapsed_s:,.1f} s of runs"
+        )
+
+
+# --- show ----------------------------------------------------------------------------------
+
+# (heading, column, widest) of the table format; csv and json give every column.
+_TABLE_COLUMNS = (
+    ("run", "run_id", 24),
+    ("status", "status", 7),
+    ("source", "relative_path", 60),
+    ("colourfulness", "colorfulness", 13),
+    ("model", "model_id", 40),
+    ("error", "error", 70),
+)
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    if column == "error":
+        kind, message = row.get("error_type"), row.get("error_message")
+        return f"{kind}: {message}" if kind and message else str(kind or message or "")
+    if column == "relative_path":
+        return str(row.get("relative_path") or row.get("source_uri") or "")
+    value = row.get(column)
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _fit(text: str, width: int, *, keep_end: bool) -> str:
+    text = _printable(text)
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
+
+
+def _table_lines(rows: list[dict[str, Any]]) -> Iterable[str]:
+    cells = [
+        [_fit(_cell(row, column), widest, keep_end=column == "relative_path")
+         for _, column, widest in _TABLE_COLUMNS]
+        for row in rows
+    ]  # fmt: skip
+    widths = [
+        max([len(heading), *(len(line[index]) for line in cells)])
+        for index, (heading, _, _) in enumerate(_TABLE_COLUMNS)
+    ]
+    yield "  ".join(
+        h.ljust(w) for (h, _, _), w in zip(_TABLE_COLUMNS, widths, strict=True)
+    ).rstrip()
+    for line in cells:
+        yield "  ".join(
+            text.ljust(width) for text, width in zip(line, widths, strict=True)
+        ).rstrip()
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+@manifest_app.command("show")
+@_one_line_errors
+def show_command(
+    dst: DstArgument,
+    status: Annotated[
+        str | None,
+        typer.Option(metavar="[ok|failed|skipped]", help="Only rows with this status."),
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="Only rows of this run id.")] = None,
+    latest: Annotated[
+        bool, typer.Option(help="Only each source's latest attempt (its current state).")
+    ] = False,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            metavar="[table|csv|json]",
+            help="table: chosen columns to read; csv, json: every manifest column, to pipe.",
+        ),
+    ] = "table",
+) -> None:
+    """Manifest rows an archivist can read (table) or pipe (csv, json: one row per line)."""
+    from pipeline.manifest_tools import open_manifest, select_rows
+
+    output_format = _choice(output_format, FORMATS, "format", "--format") or "table"
+    status = _choice(status, STATUSES, "status", "--status")
+    rows = select_rows(open_manifest(dst), status=status, run_id=run, latest=latest)
+    try:
+        if output_format == "csv":
+            import pyarrow.csv as pa_csv
+
+            sys.stdout.flush()
+            pa_csv.write_csv(rows, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        elif output_format == "json":
+            # A JSON array with one row per line: valid JSON for jq and json.load, and still
+            # greppable and streamable line by line.
+            typer.echo("[")
+            count = 0
+            for batch in rows.to_batches(max_chunksize=1024):
+                for row in batch.to_pylist():
+                    prefix = ",\n" if count else ""
+                    text = json.dumps(row, default=_json_value, ensure_ascii=False)
+                    sys.stdout.write(prefix + text)
+                    count += 1
+            typer.echo("\n]" if count else "]")
+        else:
+            for line in _table_lines(rows.to_pylist()):
+                typer.echo(line)
+            typer.echo(f"{rows.num_rows} rows", err=True)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `... | head`: the reader has what it wanted; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# --- verify --------------------------------------------------------------------------------
+
+
+@manifest_app.command("verify")
+@_one_line_errors
+def verify_command(
+    dst: DstArgument,
+    workers: Annotated[int, typer.Option(min=1, help="Files hashed at once.")] = 8,
+) -> None:
+    """Re-hash every output against the manifest; list missing, changed and untracked files.
+
+    Exit status 0 when everything matches, 3 when anything is missing, changed, untracked or
+    unreadable.
+    """
+    from pipeline.provenance import redact_uri
+    from pipeline.verify import Finding, verify_outputs
+
+    def show(finding: Finding) -> None:
+        detail = f"  {finding.detail}" if finding.detail else ""
+        typer.echo(f"{finding.kind:<10} {_printable(finding.path)}{_printable(detail)}")
+
+    result = verify_outputs(dst, workers=workers, on_finding=show)
+    counts = result.counts
+    typer.echo(
+        f"{result.expected} outputs in the manifest: {result.verified} verified, "
+        f"{counts['changed']} changed, {counts['missing']} missing, "
+        f"{counts['unreadable']} unreadable; {counts['untracked']} untracked files; "
+        f"{_megabytes(result.bytes_hashed)} hashed in {result.elapsed_s:.1f} s"
+    )
+    sys.stdout.flush()
+    if result.problems:
+        typer.echo(
+            f"chromascan: verify found {result.problems} problems under "
+            f"{redact_uri(dst.rstrip('/'))}/images",
+            err=True,
+        )
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+# --- export-bag ----------------------------------------------------------------------------
+
+
+def _info_fields(values: list[str] | None) -> list[tuple[str, str]]:
+    fields = []
+    for value in values or []:
+        label, separator, text = value.partition("=")
+        if not separator:
+            raise typer.BadParameter(f"expected LABEL=VALUE, got {value!r}", param_hint="'--info'")
+        fields.append((label, text))
+    return fields
+
+
+@manifest_app.command("export-bag")
+@_one_line_errors
+def export_bag_command(
+    dst: DstArgument,
+    bag: Annotated[str, typer.Argument(help="New or empty folder or URL for the bag.")],
+    info: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Extra bag-info.txt field as LABEL=VALUE, e.g. "
+            "'Source-Organization=City Archive'; repeatable."
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Files copied at once.")] = 8,
+) -> None:
+    """Write a BagIt (RFC 8493) bag of the outputs, checked against the manifest.
+
+    data/ holds the current outputs; sha256 and sha512 manifests and tag manifests; bag-info.txt
+    with Payload-Oxum, Bagging-Date and the source and model provenance; chromascan/ holds the
+    manifest rows of the payload (Parquet), the run summaries and a README.
+    """
+    from pipeline.bag import export_bag
+
+    result = export_bag(dst, bag, software=_software(), info=_info_fields(info), workers=workers)
+    typer.echo(
+        f"wrote bag {result.bag}: {result.files} files, {_megabytes(result.octets)} from "
+        f"{result.runs} runs in {result.elapsed_s:.1f} s"
+    )
+    for model in result.models:
+        typer.echo(f"model {model}")
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+@manifest_app.command("report")
+@_one_line_errors
+def report_command(
+    dst: DstArgument,
+    out: Annotated[str, typer.Option(help="Where to write the HTML page (path or URL).")] = (
+        "report.html"
+    ),
+    thumb_size: Annotated[
+        int, typer.Option(min=32, max=512, help="Thumbnail size in pixels (longer side).")
+    ] = 160,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Thumbnails made at once; default up to 4.")
+    ] = None,
+) -> None:
+    """One self-contained HTML page: before/after thumbnails, statuses, failures, runs."""
+    from pipeline.report import write_report
+
+    result = write_report(dst, out, software=_software(), thumb_size=thumb_size, workers=workers)
+    typer.echo(
+        f"wrote {result.out}: {result.cards} sources ({result.failed} failing), "
+        f"{result.thumbnails} thumbnails, {_megabytes(result.octets)} in {result.elapsed_s:.1f} s"
+    )

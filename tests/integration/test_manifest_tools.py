@@ -1,0 +1,440 @@
+"""chromascan manifest tools on a real colorize run: verify (local and S3), bag, report in Chromium.
+
+One module-scoped colorize run (real Ray, the bad-input corpus plus file names with HTML
+and percent characters) feeds every test; each test works on its own copy when it tampers.
+The report is opened in Debian's headless Chromium, driven over the DevTools protocol on a
+pipe (no ports), and must load every thumbnail with no console error and no network request.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bagit
+import pytest
+import s3fs
+import torch
+
+from jobs.cli import main
+from models.config import GeneratorConfig
+from models.networks import UNetGenerator, init_weights
+from pipeline.colorize import ColorizeConfig, RunSummary, run_colorize
+from pipeline.model_store import save_model
+from tests.integration.corpus import Entry, make_corpus
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+# File names are user data: these must come through verify, bag and report intact.
+ODD_NAMES = ("odd/<b>\"quoted\" & 'apostrophe'.jpg", "odd/50% grey café.jpg")
+
+
+@dataclass(frozen=True)
+class Coloured:
+    src: Path
+    dst: Path
+    entries: list[Entry]
+    summary: RunSummary
+
+    @property
+    def ok(self) -> list[Entry]:
+        return [entry for entry in self.entries if entry.ok]
+
+    @property
+    def failed(self) -> list[Entry]:
+        return [entry for entry in self.entries if not entry.ok]
+
+
+@pytest.fixture(scope="module")
+def coloured(tmp_path_factory: pytest.TempPathFactory) -> Coloured:
+    src = tmp_path_factory.mktemp("archive")
+    entries = make_corpus(src, photos=1)
+    (src / "odd").mkdir()
+    for name in ODD_NAMES:
+        shutil.copyfile(src / "good/astronaut.jpg", src / name)
+        entries.append(Entry(name, ok=True))
+    torch.manual_seed(3)
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    model = tmp_path_factory.mktemp("model")
+    save_model(generator, str(model), name="tools-test")
+    dst = tmp_path_factory.mktemp("coloured") / "dst"
+    summary = run_colorize(
+        ColorizeConfig(src=str(src), dst=str(dst), model=str(model), batch_size=8),
+        software="chromascan test",
+    )
+    assert (summary.ok, summary.failed) == (
+        sum(e.ok for e in entries),
+        sum(not e.ok for e in entries),
+    )
+    return Coloured(src, dst, entries, summary)
+
+
+def _output(entry: Entry) -> str:
+    return entry.relative_path.rsplit(".", 1)[0] + ".png"
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _findings(out: str) -> list[tuple[str, str]]:
+    """(kind, path) of each finding line; paths here hold no double spaces."""
+    lines = out.splitlines()[:-1]  # the last line is the totals
+    return [(line[:10].strip(), line[11:].split("  ", 1)[0]) for line in lines]
+
+
+# --- verify --------------------------------------------------------------------------------
+
+
+def test_verify_local_clean_then_modified_deleted_extra(
+    coloured: Coloured, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dst = tmp_path / "dst"
+    shutil.copytree(coloured.dst, dst)
+    # Copied: output_uri names the original folder; verify finds the files all the same.
+    code, out, err = _run(capsys, "manifest", "verify", str(dst))
+    assert (code, err) == (0, ""), out
+    count = len(coloured.ok)
+    assert out.startswith(f"{count} outputs in the manifest: {count} verified, 0 changed, ")
+
+    modified, deleted = (dst / "images" / _output(coloured.ok[i]) for i in (0, 1))
+    modified.write_bytes(modified.read_bytes()[:-1] + b"\x00")  # same size, other bytes
+    deleted.unlink()
+    (dst / "images" / ODD_NAMES[0]).with_name("stray.png").write_bytes(b"x")
+    code, out, err = _run(capsys, "manifest", "verify", str(dst))
+    assert code == 3
+    assert err == f"chromascan: verify found 3 problems under {dst}/images\n"
+    assert sorted(_findings(out)) == sorted([
+        ("changed", _output(coloured.ok[0])),
+        ("missing", _output(coloured.ok[1])),
+        ("untracked", "odd/stray.png"),
+    ])  # fmt: skip
+
+
+def test_verify_and_bag_on_s3(
+    coloured: Coloured,
+    s3_server: Any,
+    s3_bucket: str,
+    s3_env: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fs = s3fs.S3FileSystem(**s3_server.storage_options())
+    fs.put(f"{coloured.dst}/", f"{s3_bucket}/dst/", recursive=True)
+    dst = f"s3://{s3_bucket}/dst"
+    code, out, err = _run(capsys, "manifest", "verify", dst)
+    assert (code, err) == (0, ""), out
+    # The report reads outputs from the bucket (and scans from where the manifest says).
+    code, out, err = _run(capsys, "manifest", "report", dst, "--out", str(tmp_path / "r.html"))
+    assert (code, err) == (0, "")
+    assert f" {2 * len(coloured.ok)} thumbnails, " in out
+
+    # A bag from the bucket into the bucket (streamed, hashed while copied) validates.
+    code, out, err = _run(capsys, "manifest", "export-bag", dst, f"s3://{s3_bucket}/bag")
+    assert (code, err) == (0, "")
+    fs.get(f"{s3_bucket}/bag/", str(tmp_path / "bag"), recursive=True)
+    bagit.Bag(str(tmp_path / "bag")).validate()
+
+    first, second = (f"{s3_bucket}/dst/images/{_output(coloured.ok[i])}" for i in (0, 1))
+    fs.pipe_file(first, fs.cat_file(first) + b"\x00")
+    fs.rm(second)
+    fs.pipe_file(f"{s3_bucket}/dst/images/good/stray.png", b"x")
+    code, out, err = _run(capsys, "manifest", "verify", dst)
+    assert code == 3
+    assert err == f"chromascan: verify found 3 problems under {dst}/images\n"
+    assert sorted(_findings(out)) == sorted([
+        ("changed", _output(coloured.ok[0])),
+        ("missing", _output(coloured.ok[1])),
+        ("untracked", "good/stray.png"),
+    ])  # fmt: skip
+    assert s3_server.secret_key not in out + err
+
+
+# --- export-bag ----------------------------------------------------------------------------
+
+
+def test_export_bag_validates_with_bagit(
+    coloured: Coloured, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bag_path = tmp_path / "bag"
+    code, out, err = _run(capsys, "manifest", "export-bag", str(coloured.dst), str(bag_path),
+                          "--info", "Source-Organization=Test Archive")  # fmt: skip
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].startswith(f"model {coloured.summary.model_id} sha256:")
+    bag = bagit.Bag(str(bag_path))
+    bag.validate()
+    assert sorted(bag.payload_files()) == sorted(f"data/{_output(e)}" for e in coloured.ok)
+    for entry in coloured.ok:
+        copied = (bag_path / "data" / _output(entry)).read_bytes()
+        assert copied == (coloured.dst / "images" / _output(entry)).read_bytes()
+    assert bag.info["Chromascan-Source"] == str(coloured.src)
+    assert bag.info["Source-Organization"] == "Test Archive"
+    assert (
+        bag.info["Chromascan-Runs"] == f"1: {coloured.summary.run_id} to {coloured.summary.run_id}"
+    )
+    run = json.loads((bag_path / f"chromascan/runs/{coloured.summary.run_id}.json").read_text())
+    assert run["run"]["ok"] == len(coloured.ok)
+
+
+# --- summary and show ----------------------------------------------------------------------
+
+
+def test_summary_and_show_on_a_real_run(
+    coloured: Coloured, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = _run(capsys, "manifest", "summary", str(coloured.dst))
+    assert code == 0
+    ok, failed = len(coloured.ok), len(coloured.failed)
+    assert f"run {coloured.summary.run_id}  " in out
+    assert f"  {ok + failed} rows: {ok} ok, {failed} failed; " in out
+    assert f"  models: {ok + failed} {coloured.summary.model_id}" in out
+    assert "  failed: 2 × UnidentifiedImageError" in out
+
+    code, out, _ = _run(capsys, "manifest", "show", str(coloured.dst), "--status", "failed",
+                        "--format", "json")  # fmt: skip
+    rows = json.loads(out)
+    assert sorted((row["relative_path"], row["error_type"]) for row in rows) == sorted(
+        (entry.relative_path, entry.error_type) for entry in coloured.failed
+    )
+
+
+# --- report in a real browser --------------------------------------------------------------
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",  # containers give /dev/shm 64 MB
+    "--window-size=1280,900",
+)
+
+
+def _above_9(fd: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
+class DevTools:
+    """The Chrome DevTools Protocol over --remote-debugging-pipe: fd 3 in, fd 4 out.
+
+    A pipe rather than --remote-debugging-port: no port to pick or collide on, and nothing
+    listening on the machine while the test runs.
+    """
+
+    def __init__(self, binary: str, user_data_dir: Path, log: Path) -> None:
+        browser_in, self._send = os.pipe()
+        self._receive, browser_out = os.pipe()
+        # bash moves the pipe ends to the fd numbers Chromium expects; preexec_fn could too,
+        # but it is not safe in a process that runs threads (Ray's driver does). The ends are
+        # first moved to 10 and up, so that the redirections cannot clobber each other (a
+        # fresh process gets 3-6 from os.pipe()).
+        browser_in, browser_out = _above_9(browser_in), _above_9(browser_out)
+        script = f'exec "$0" "$@" 3<&{browser_in} 4>&{browser_out} {browser_in}<&- {browser_out}>&-'
+        with log.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                ["bash", "-c", script, binary, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}",
+                 "--remote-debugging-pipe", "about:blank"],
+                pass_fds=(browser_in, browser_out), stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        os.close(browser_in)
+        os.close(browser_out)
+        self._buffer = b""
+        self._last_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> dict[str, Any]:  # fmt: skip
+        self._last_id += 1
+        message: dict[str, Any] = {"id": self._last_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        data = json.dumps(message).encode() + b"\0"
+        while data:
+            data = data[os.write(self._send, data) :]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self.events.append(reply)
+
+    def wait_for(self, method: str, *, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for event in self.events:
+                if event.get("method") == method:
+                    return event
+            self.events.append(self._read(deadline))
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self._receive], [], [], max(remaining, 0))
+            if not ready:
+                raise TimeoutError("Chromium did not answer in time")
+            chunk = os.read(self._receive, 1 << 16)
+            if not chunk:
+                raise EOFError(f"Chromium exited with {self.process.wait()}")
+            self._buffer += chunk
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(message)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError, TimeoutError, RuntimeError):
+            self.call("Browser.close", timeout_s=10)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._send)
+        os.close(self._receive)
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[DevTools]:
+    binary = shutil.which("chromium")
+    if binary is None:  # an error, not a skip: a browser test that silently tests nothing
+        pytest.fail("chromium is not installed: apt-get install -y chromium (scripts/test does)")
+    browser = DevTools(binary, tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+# Scroll through the page a screen at a time as a reader would, so the lazy thumbnails load
+# as they come into view; then report what loaded.
+_INSPECT = """
+(async () => {
+  const images = Array.from(document.images);
+  const settle = () => new Promise((done) => requestAnimationFrame(() => setTimeout(done, 20)));
+  for (let y = 0; y <= document.documentElement.scrollHeight; y += innerHeight / 2) {
+    scrollTo(0, y);
+    await settle();
+  }
+  const deadline = Date.now() + 20000;
+  while (images.some((image) => !image.complete) && Date.now() < deadline) await settle();
+  const cards = Array.from(document.querySelectorAll("#grid > .card"));
+  return {
+    images: images.length,
+    lazy: images.filter((image) => image.loading === "lazy").length,
+    loaded: images.filter((image) => image.complete && image.naturalWidth > 0).length,
+    notLoaded: images.filter((image) => !(image.complete && image.naturalWidth > 0))
+      .map((image) => image.alt),
+    shown: images.filter((image) => image.getBoundingClientRect().width > 0).length,
+    names: cards.map((card) => card.querySelector("h3").textContent),
+    statuses: cards.map((card) => card.dataset.status),
+    failedRows: document.querySelectorAll("#failed tbody tr").length,
+    placeholders: document.querySelectorAll("#grid .noimg").length,
+    scripts: document.scripts.length,
+  };
+})()
+"""
+
+_FILTER = """
+(() => {
+  const visible = () => Array.from(document.querySelectorAll("#grid > .card"))
+    .filter((card) => !card.hidden && card.getBoundingClientRect().height > 0).length;
+  document.querySelector("button[data-filter='failed']").click();
+  const failed = visible();
+  document.querySelector("button[data-filter='all']").click();
+  const search = document.getElementById("q");
+  search.value = "QUOTED";
+  search.dispatchEvent(new Event("input"));
+  const searched = visible();
+  return {failed, searched, counter: document.getElementById("shown").textContent};
+})()
+"""
+
+
+def test_report_in_headless_chromium(
+    coloured: Coloured, chromium: DevTools, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "report.html"
+    code, out, err = _run(capsys, "manifest", "report", str(coloured.dst), "--out", str(page))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"wrote {page}: {len(coloured.entries)} sources ")
+    ok, failed = len(coloured.ok), len(coloured.failed)
+
+    targets = chromium.call("Target.getTargets")["targetInfos"]
+    target = next(t["targetId"] for t in targets if t["type"] == "page")
+    session = chromium.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+        "sessionId"
+    ]
+    for domain in ("Runtime", "Log", "Page", "Network"):
+        chromium.call(f"{domain}.enable", session=session)
+    chromium.call("Page.navigate", {"url": page.as_uri()}, session=session)
+    chromium.wait_for("Page.loadEventFired")
+
+    def evaluate(expression: str) -> dict[str, Any]:
+        result = chromium.call(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            session=session,
+        )
+        assert "exceptionDetails" not in result, result
+        return result["result"]["value"]
+
+    seen = evaluate(_INSPECT)
+    screenshot = chromium.call("Page.captureScreenshot", {"format": "png"}, session=session)
+    (tmp_path / "report.png").write_bytes(base64.b64decode(screenshot["data"]))
+
+    # Every source has a card, names shown as text exactly as they are on disk.
+    assert sorted(seen["names"]) == sorted(entry.relative_path for entry in coloured.entries)
+    assert seen["statuses"].count("failed") == failed
+    assert seen["failedRows"] == failed
+    # Every ok source shows its scan and its output; no failed scan of the corpus decodes, so
+    # each failed card holds a placeholder instead of a broken image.
+    assert seen["images"] == 2 * ok
+    assert seen["placeholders"] == failed
+    assert seen["lazy"] == seen["images"]
+    assert seen["loaded"] == seen["images"], seen["notLoaded"]
+    assert seen["shown"] == seen["images"]
+    assert seen["scripts"] == 1
+
+    filtered = evaluate(_FILTER)
+    assert filtered["failed"] == failed
+    assert filtered["searched"] == 1  # only the "quoted" file name matches
+    assert filtered["counter"] == f"1 of {ok + failed} shown"
+
+    # No errors, and nothing fetched from anywhere but the page itself and its data: URIs.
+    problems = [
+        event for event in chromium.events
+        if event.get("method") == "Runtime.exceptionThrown"
+        or (event.get("method") == "Log.entryAdded"
+            and event["params"]["entry"]["level"] == "error")
+        or (event.get("method") == "Runtime.consoleAPICalled"
+            and event["params"]["type"] in ("error", "assert"))
+    ]  # fmt: skip
+    assert problems == []
+    requested = {
+        event["params"]["request"]["url"].split(":", 1)[0]
+        for event in chromium.events
+        if event.get("method") == "Network.requestWillBeSent"
+    }
+    assert requested <= {"file", "data"}
