@@ -214,6 +214,32 @@ def train_command(
     )
 
 
+def _warn_if_short_of_resources(
+    workers: int, *, gpu: bool, cpus_per_worker: int, note: Callable[[str], None]
+) -> None:
+    """Say so when the cluster cannot place the workers now: Ray Train would wait silently.
+
+    Only a note, not an error: an autoscaling cluster adds nodes (GPU ones from zero) when
+    the workers ask for them.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    needs = {"CPU": float(workers * cpus_per_worker)}
+    if gpu:
+        needs["GPU"] = float(workers)
+    short = [
+        f"{need:g} {name} (it has {have.get(name, 0.0):g})"
+        for name, need in needs.items()
+        if have.get(name, 0.0) < need
+    ]
+    if short:
+        note(
+            f"waiting  the workers need {' and '.join(short)}; training starts when the "
+            "cluster has them (an autoscaler may add nodes)"
+        )
+
+
 def run_train_job(
     listing: Any,
     config: Any,
@@ -269,6 +295,7 @@ def run_train_job(
     if len(failed) > _SKIPPED_SHOWN:
         progress(f"skipped  ... and {len(failed) - _SKIPPED_SHOWN} more (see train.json)")
     device = f"{workers} GPU worker(s)" if gpu else f"{workers} CPU worker(s)"
+    _warn_if_short_of_resources(workers, gpu=gpu, cpus_per_worker=cpus_per_worker, note=progress)
     progress(
         f"train    U-Net width {config.generator.width}, depth {config.generator.depth}, "
         f"{config.image_size}²; {config.epochs} epochs, batch {config.batch_size} per worker, "

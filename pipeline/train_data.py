@@ -27,6 +27,7 @@ which checkpoints save and restore.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import os
@@ -270,8 +271,13 @@ def _prepare(
     columns: tuple[str, ...],
     min_colorfulness: float,
     storage_options: Mapping[str, Any] | None,
-) -> tuple[Any, list[SkippedPhoto], list[str]]:
-    """Decode a listing on Ray Data; (materialised usable rows, skipped photos, usable URIs)."""
+    sample_count: int = 0,
+) -> tuple[Any, list[SkippedPhoto], int, list[str]]:
+    """Decode a listing on Ray Data.
+
+    Returns the materialised usable rows, the skipped photos, how many are usable, and the
+    first ``sample_count`` usable URIs in sorted order (the driver never holds all of them).
+    """
     rows_per_block = max(_MIN_ROWS_PER_BLOCK, math.ceil(listing.num_rows / _MAX_BLOCKS))
     blocks = max(1, math.ceil(listing.num_rows / rows_per_block))
     decoded = (
@@ -289,12 +295,14 @@ def _prepare(
         .materialize()
     )
     skipped: list[SkippedPhoto] = []
-    usable_uris: list[str] = []
+    usable_count, samples = 0, []
     for part in decoded.select_columns(
         ["source_uri", "status", "error_type", "error_message"]
     ).iter_batches(batch_format="pyarrow", batch_size=10_000):
         ok = pc.equal(part["status"], STATUS_OK)
-        usable_uris.extend(part.filter(ok)["source_uri"].to_pylist())
+        usable_uris = part.filter(ok)["source_uri"].to_pylist()
+        usable_count += len(usable_uris)
+        samples = heapq.nsmallest(sample_count, [*samples, *usable_uris])
         for row in part.filter(pc.invert(ok)).to_pylist():
             skipped.append(
                 SkippedPhoto(
@@ -308,7 +316,7 @@ def _prepare(
         _keep_usable, fn_kwargs={"columns": columns}, batch_size=None, batch_format="numpy"
     ).materialize()
     del decoded  # the placeholder rows of skipped photos are no longer needed
-    return usable, skipped, usable_uris
+    return usable, skipped, usable_count, samples
 
 
 @dataclass(frozen=True)
@@ -416,18 +424,19 @@ def prepare_training_data(
     """
     started = time.perf_counter()
     load_size = load_size_for(image_size)
-    train, train_skipped, train_uris = _prepare(
+    train, train_skipped, train_count, _ = _prepare(
         listing.train,
         size=load_size,
         columns=("rgb",),
         min_colorfulness=min_colorfulness,
         storage_options=portable_storage_options(listing.source_url, storage_options),
     )
-    val, val_skipped, val_uris = _prepare(
+    val, val_skipped, val_count, samples = _prepare(
         listing.val,
         size=image_size,
         columns=("rgb", "source_uri"),
         min_colorfulness=min_colorfulness,
+        sample_count=sample_count,
         storage_options=portable_storage_options(
             listing.val_url or listing.source_url, storage_options
         ),
@@ -442,10 +451,10 @@ def prepare_training_data(
         image_size=image_size,
         load_size=load_size,
         listed=listing.train.num_rows + listing.val.num_rows,
-        train_images=len(train_uris),
-        val_images=len(val_uris),
+        train_images=train_count,
+        val_images=val_count,
         skipped=skipped,
-        sample_uris=tuple(sorted(val_uris)[:sample_count]),
+        sample_uris=tuple(samples),
         prepare_seconds=time.perf_counter() - started,
     )
     logger.info(

@@ -9,6 +9,7 @@ a worker or the driver dies.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,50 +102,44 @@ def _assert_learned(history: dict[str, Any], *, epochs: int, world_size: int) ->
     assert rows[-1]["val_l1_initial"] == history["initial"]["val_l1"]
 
 
-def test_two_workers_train_from_a_local_folder(
-    ray_local: dict[str, Any],
-    photos: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    output = tmp_path / "run"
-    code, out, err = _run_cli(
-        capsys,
-        str(photos),
-        "--output",
-        str(output),
-        "--workers",
-        "2",
-        "--epochs",
-        "4",
-        "--keep-checkpoints",
-        "2",
-        "--name",
-        "tiny-colours",
-        *TINY,
-    )
-    assert code == 0, err
+@dataclass(frozen=True)
+class CliRun:
+    code: int
+    out: str
+    err: str
 
-    # The bad files are reported with their paths and skipped; the grey photo is counted.
-    reported = [line for line in err.splitlines() if line.startswith("skipped  ")]
-    assert len(reported) == 2, err
-    assert reported[0].startswith(f"skipped  {photos / 'corrupt.jpg'}: ")
-    assert reported[1].startswith(f"skipped  {photos / 'notes.png'}: not an image format")
-    assert reported[1].endswith("(UnidentifiedImageError)")
-    assert "skipped 1 grey, 2 unreadable" in err
-    summary = json.loads((output / "train.json").read_text())
-    assert summary["data"]["listed"] == PHOTOS + 3
-    assert summary["data"]["train_images"] + summary["data"]["val_images"] == PHOTOS
-    skipped = {Path(s["source_uri"]).name: s for s in summary["data"]["skipped"]}
-    assert skipped["corrupt.jpg"]["status"] == "failed"
-    assert skipped["notes.png"]["error_type"] == "UnidentifiedImageError"
-    assert skipped["grey.jpg"]["status"] == "grey"
 
+def _invoke(*argv: str) -> CliRun:
+    """``chromascan train`` in this process (on the shared cluster), output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", *argv])
+    return CliRun(code, out.getvalue(), err.getvalue())
+
+
+LOCAL_RUN = ["--workers", "2", "--epochs", "4", "--keep-checkpoints", "2", "--name", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def local_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("local-run") / "run"
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local: dict[str, Any], photos: Path, local_output: Path) -> CliRun:
+    """Two workers, four epochs, from the local photo folder: trained once for these tests."""
+    run = _invoke(str(photos), "--output", str(local_output), *LOCAL_RUN, *TINY)
+    assert run.code == 0, run.err
+    return run
+
+
+def test_two_workers_learn_from_a_local_folder(local_run: CliRun, local_output: Path) -> None:
+    summary = json.loads((local_output / "train.json").read_text())
     _assert_learned(summary["history"], epochs=4, world_size=2)
-    assert "epoch 4/4" in err
+    assert "epoch 4/4" in local_run.err
 
     # Checkpoints: the last two kept, each with both workers' RNG and a sample grid.
-    run_dir = output / RUN_FOLDER
+    run_dir = local_output / RUN_FOLDER
     assert _checkpoint_folders(run_dir) == ["epoch_00003", "epoch_00004"]
     for name in _checkpoint_folders(run_dir):
         files = {p.name for p in (run_dir / name).iterdir()}
@@ -152,10 +148,32 @@ def test_two_workers_train_from_a_local_folder(
         rows = min(4, summary["data"]["val_images"])  # grey input | colourised | original
         assert grid.size == (3 * 64 + 2 * 2, rows * 64 + (rows - 1) * 2)
 
-    # The artifact loads, verifies, and says how it was made.
-    loaded = load_model(str(output / "model"))
-    assert loaded.model_id.startswith("tiny-colours@")
-    assert f"model    {loaded.model_id}" in out
+
+def test_bad_files_are_reported_and_skipped(
+    local_run: CliRun, photos: Path, local_output: Path
+) -> None:
+    reported = [line for line in local_run.err.splitlines() if line.startswith("skipped  ")]
+    assert len(reported) == 2, local_run.err
+    assert reported[0].startswith(f"skipped  {photos / 'corrupt.jpg'}: ")
+    assert reported[1].startswith(f"skipped  {photos / 'notes.png'}: not an image format")
+    assert reported[1].endswith("(UnidentifiedImageError)")
+    assert "skipped 1 grey, 2 unreadable" in local_run.err
+    summary = json.loads((local_output / "train.json").read_text())
+    assert summary["data"]["listed"] == PHOTOS + 3
+    assert summary["data"]["train_images"] + summary["data"]["val_images"] == PHOTOS
+    skipped = {Path(s["source_uri"]).name: s for s in summary["data"]["skipped"]}
+    assert skipped["corrupt.jpg"]["status"] == "failed"
+    assert skipped["notes.png"]["error_type"] == "UnidentifiedImageError"
+    assert skipped["grey.jpg"]["status"] == "grey"
+
+
+def test_the_artifact_loads_and_says_how_it_was_made(
+    local_run: CliRun, photos: Path, local_output: Path
+) -> None:
+    summary = json.loads((local_output / "train.json").read_text())
+    loaded = load_model(str(local_output / "model"))
+    assert loaded.model_id.startswith("tiny@")
+    assert f"model    {loaded.model_id}" in local_run.out
     assert loaded.config.width == 8
     assert loaded.config.image_size == 64
     provenance = loaded.metadata["provenance"]
@@ -167,23 +185,37 @@ def test_two_workers_train_from_a_local_folder(
     assert provenance["final_metrics"]["val_l1"] == pytest.approx(last["val_l1"])
     assert provenance["config"]["batch_size"] == 2
     assert provenance["checkpoint"] == "epoch_00004"
-    # It colours: the output of a photo's L is a colour image of the same size.
     with torch.inference_mode():
         ab = loaded.generator(torch.zeros(1, 1, 64, 64))
     assert ab.shape == (1, 2, 64, 64)
 
-    # The same command again continues the finished run: nothing retrained, same model.
-    code, out, err = _run_cli(
-        capsys, str(photos), "--output", str(output), "--workers", "2", "--epochs", "4",
-        "--keep-checkpoints", "2", "--name", "tiny-colours", *TINY,
-    )  # fmt: skip
-    assert code == 0, err
-    assert "resume   continuing after epoch 4" in err
-    assert "epoch 1/4" not in err
-    again = json.loads((output / "train.json").read_text())
-    assert again["resumed_from"]["epoch"] == 4
-    assert again["history"]["epochs"] == summary["history"]["epochs"]
-    assert load_model(str(output / "model")).sha256 == loaded.sha256
+
+def test_the_same_command_continues_a_finished_run(
+    local_run: CliRun, photos: Path, local_output: Path
+) -> None:
+    summary = json.loads((local_output / "train.json").read_text())
+    model_sha = load_model(str(local_output / "model")).sha256
+    again = _invoke(str(photos), "--output", str(local_output), *LOCAL_RUN, *TINY)
+    assert again.code == 0, again.err
+    assert "resume   continuing after epoch 4" in again.err
+    assert "epoch 1/4" not in again.err  # nothing retrained
+    rerun = json.loads((local_output / "train.json").read_text())
+    assert rerun["resumed_from"]["epoch"] == 4
+    assert rerun["history"]["epochs"] == summary["history"]["epochs"]
+    assert load_model(str(local_output / "model")).sha256 == model_sha
+
+    # --export best picks the kept checkpoint with the lowest validation L1 instead.
+    best_run = _invoke(
+        str(photos), "--output", str(local_output), *LOCAL_RUN, "--export", "best", *TINY
+    )
+    assert best_run.code == 0, best_run.err
+    kept = {row["epoch"]: row["val_l1"] for row in summary["history"]["epochs"][2:]}
+    best_epoch = min(kept, key=kept.__getitem__)
+    provenance = load_model(str(local_output / "model")).metadata["provenance"]
+    assert provenance["selected"] == "best"
+    assert provenance["checkpoint"] == f"epoch_{best_epoch:05d}"
+    assert provenance["final_metrics"]["val_l1"] == kept[best_epoch]
+    assert "(best checkpoint" in best_run.out
 
 
 def test_train_from_s3_and_write_checkpoints_to_s3(
@@ -197,14 +229,20 @@ def test_train_from_s3_and_write_checkpoints_to_s3(
     options = s3_server.storage_options()
     fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     fs.put(str(photos) + "/", f"{s3_bucket}/photos/", recursive=True)
+    for name in ("people/photo00.png", "people/photo04.png", "things/set1/photo01.jpg"):
+        fs.copy(f"{s3_bucket}/photos/{name}", f"{s3_bucket}/validation/{name}")
     source, output = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/runs/first"
+    val = f"s3://{s3_bucket}/validation"
 
-    # Credentials come from the standard AWS environment only (s3_env), as for a user.
+    # Credentials come from the standard AWS environment only (s3_env), as for a user; the
+    # Ray workers were started before it was set, so they must get them from the driver.
     code, out, err = _run_cli(
-        capsys, source, "--output", output, "--workers", "2", "--epochs", "3", *TINY
-    )
+        capsys, source, "--output", output, "--val", val, "--workers", "2", "--epochs", "3",
+        *TINY,
+    )  # fmt: skip
     assert code == 0, err
     assert f"skipped  {source}/corrupt.jpg: " in err
+    assert f"3 validation from {val}" in err
 
     fs.invalidate_cache()
     keys = fs.find(f"{s3_bucket}/runs/first")
@@ -220,12 +258,21 @@ def test_train_from_s3_and_write_checkpoints_to_s3(
     assert loaded.metadata["provenance"]["training_data"] == source
     assert f"-> {output}/model" in out
 
-    # Nothing written to the bucket holds the credentials.
+    assert loaded.metadata["provenance"]["validation_data"] == val
+    assert summary["data"]["val_images"] == 3
+
+    # Nothing written to the bucket, and nothing in Ray's logs, holds the credentials.
+    secrets = (s3_server.secret_key.encode(), s3_server.access_key.encode())
     for key in keys:
         if key.endswith((".json", ".png")):
             blob = fs.cat_file(key)
-            assert s3_server.secret_key.encode() not in blob, key
-            assert s3_server.access_key.encode() not in blob, key
+            assert not any(secret in blob for secret in secrets), key
+    logs = [p for p in Path(str(ray_local["temp_dir"])).rglob("*") if "logs" in p.parts]
+    assert logs
+    for path in logs:
+        if path.is_file():
+            blob = path.read_bytes()
+            assert not any(secret in blob for secret in secrets), path
 
 
 def _wait_for_checkpoint(run_dir: Path, name: str, *, timeout: float = 240.0) -> None:
@@ -323,7 +370,7 @@ def test_rerunning_after_the_driver_died_continues_the_run(
 ) -> None:
     output = tmp_path / "run"
     argv = [
-        str(photos), "--output", str(output), "--workers", "2", "--epochs", "5", *TINY,
+        str(photos), "--output", str(output), "--workers", "2", "--epochs", "4", *TINY,
     ]  # fmt: skip
     # A separate driver process on the shared cluster, killed outright after epoch 1.
     env = {**os.environ, "RAY_ADDRESS": str(ray_local["address"])}
@@ -347,11 +394,11 @@ def test_rerunning_after_the_driver_died_continues_the_run(
     assert code == 0, err
     summary = json.loads((output / "train.json").read_text())
     resumed_epoch = summary["resumed_from"]["epoch"]
-    assert 1 <= resumed_epoch < 5
+    assert 1 <= resumed_epoch < 4
     assert f"resume   continuing after epoch {resumed_epoch}" in err
-    assert "epoch 1/5" not in err  # the first epoch was not trained again
+    assert "epoch 1/4" not in err  # the first epoch was not trained again
     assert f"continued after epoch {resumed_epoch}" in out
-    _assert_learned(summary["history"], epochs=5, world_size=2)
+    _assert_learned(summary["history"], epochs=4, world_size=2)
 
 
 def test_a_folder_of_only_bad_photos_is_a_one_line_error(
