@@ -12,6 +12,7 @@ import typer
 
 from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import USER_ERRORS
+from jobs.jobs_cli import jobs_app
 from jobs.manifest_cli import manifest_app
 from jobs.train import train_command
 
@@ -26,6 +27,7 @@ model_app = typer.Typer(help="Create and inspect model artifacts.", no_args_is_h
 app.add_typer(model_app, name="model")
 bench_app = typer.Typer(help="Measure speed, side by side, on this machine.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(manifest_app, name="manifest")
 
 
@@ -263,10 +265,15 @@ app.command("train")(train_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line on stderr and a non-zero exit for anything the user can fix."""
+    from jobs.submit import install_submission
+
     command = typer.main.get_command(app)
+    args = argv if argv is not None else sys.argv[1:]
+    # Job commands run here, or as a Ray job with --address http://HEAD:8265 (jobs/submit.py).
+    install_submission(command, args)
     try:
         result = command.main(
-            args=argv if argv is not None else sys.argv[1:],
+            args=args,
             prog_name="chromascan",
             standalone_mode=False,
         )

@@ -72,9 +72,6 @@ def colorize_command(
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
     ] = False,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
-    ] = None,
     flush_seconds: Annotated[
         float, typer.Option(min=0.0, hidden=True, help="Manifest flush interval (tuning).")
     ] = 30.0,
@@ -100,7 +97,8 @@ def colorize_command(
         )
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
-    _execute(config, address=address, allow_failures=allow_failures)
+    # --address is the generic job option (jobs/submit.py); ensure_ray reads RAY_ADDRESS.
+    _execute(config, address=None, allow_failures=allow_failures)
 
 
 def _execute(config: ColorizeConfig, *, address: str | None, allow_failures: bool) -> None:

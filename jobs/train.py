@@ -131,9 +131,6 @@ def train_command(
     min_colorfulness: Annotated[
         float, typer.Option(min=0.0, help="Photos less colourful than this count as grey.")
     ] = 5.0,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
-    ] = None,
 ) -> None:
     """Train the pix2pix colouriser on colour photos; export a model artifact to OUTPUT/model."""
     from models.artifact import validate_model_name
@@ -210,7 +207,7 @@ def train_command(
         export=export,
         name=name,
         min_colorfulness=min_colorfulness,
-        address=address,
+        address=None,  # --address is the generic job option (jobs/submit.py)
     )
 
 
