@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from jobs.colorize import colorize_command, nightly_command
-from jobs.errors import USER_ERRORS
+from jobs.errors import is_user_error
 from jobs.jobs_cli import jobs_app
 from jobs.manifest_cli import manifest_app
 from jobs.train import train_command
@@ -283,14 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as err:
         # Typer vendors click: its usage errors are TyperExceptions with click's interface.
         ctx = getattr(err, "ctx", None)
-        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            typer.echo(ctx.get_help())
-            return 0
+        if type(err).__name__ == "NoArgsIsHelpError":
+            return 0  # typer has printed the help already
         message = err.format_message() if hasattr(err, "format_message") else str(err)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         typer.echo(f"chromascan: {message}{hint}", err=True)
         return int(getattr(err, "exit_code", 2))
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         typer.echo(f"chromascan: {err}", err=True)
         return 1
     return result if isinstance(result, int) else 0

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from jobs.runtime import ensure_ray
-from pipeline.colorize import ColorizeConfig, ColorizeError, Progress, run_colorize
-from pipeline.decode import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from pipeline.colorize import ColorizeConfig, Progress
+
+# pipeline.decode.DEFAULT_MAX_PIXELS, repeated so that `--help` need not import the pipeline
+# (Ray and torch); tests/unit/test_cli.py checks that the two agree.
+DEFAULT_MAX_PIXELS = 300_000_000
 
 EXIT_INPUTS_FAILED = 3  # some inputs failed; the run itself completed
 
@@ -77,6 +82,8 @@ def colorize_command(
     ] = 30.0,
 ) -> None:
     """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
+    from pipeline.colorize import ColorizeConfig, ColorizeError
+
     try:
         config = ColorizeConfig(
             src=src,
@@ -98,18 +105,19 @@ def colorize_command(
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
     # --address is the generic job option (jobs/submit.py); ensure_ray reads RAY_ADDRESS.
-    _execute(config, address=None, allow_failures=allow_failures)
+    _execute(config, allow_failures=allow_failures)
 
 
-def _execute(config: ColorizeConfig, *, address: str | None, allow_failures: bool) -> None:
+def _execute(config: ColorizeConfig, *, allow_failures: bool) -> None:
     """Run, print the summary, exit 3 when inputs failed (unless they are allowed to)."""
     from jobs.cli import package_version
+    from pipeline.colorize import run_colorize
 
     summary = run_colorize(
         config,
         software=f"chromascan {package_version()}",
         progress=_ProgressPrinter(),
-        connect=lambda: ensure_ray(address),
+        connect=ensure_ray,
     )
     not_attempted = summary.listed - summary.attempted - summary.skipped
     typer.echo(
@@ -156,15 +164,14 @@ def nightly_command(
     allow_failures: Annotated[
         bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
     ] = False,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster address; default RAY_ADDRESS, else local.")
-    ] = None,
 ) -> None:
     """Colour only what is new since the last run: new, changed and previously failed scans.
 
     The ledger is every manifest under DST. A scan is done when it has an ok row for its current
     version (ETag or mtime) by this model; a new model re-colours everything unless --any-model.
     """
+    from pipeline.colorize import ColorizeConfig, ColorizeError
+
     try:
         config = ColorizeConfig(
             src=src,
@@ -181,4 +188,4 @@ def nightly_command(
         )
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
-    _execute(config, address=address, allow_failures=allow_failures)
+    _execute(config, allow_failures=allow_failures)

@@ -1,19 +1,33 @@
-"""Which errors are the user's to fix: the CLI turns these into one line and a non-zero exit."""
+"""Which errors are the user's to fix: the CLI turns these into one line and a non-zero exit.
+
+Named, not imported: importing them would load Ray and torch for every `chromascan --help`.
+An error of a type whose module was never imported cannot have been raised, so looking the
+classes up in sys.modules at the moment of the error is exact.
+"""
 
 from __future__ import annotations
 
-from models.artifact import ArtifactError
-from pipeline.colorize import ColorizeError
-from pipeline.storage import StorageError
-from pipeline.train_data import TrainingConfigError, TrainingDataError
+import sys
 
 # Anything else is a bug and keeps its traceback, so it can be reported and fixed.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ArtifactError,
-    ColorizeError,
-    StorageError,
-    TrainingConfigError,
-    TrainingDataError,
-    FileNotFoundError,
-    PermissionError,
+USER_ERROR_NAMES: tuple[tuple[str, str], ...] = (
+    ("models.artifact", "ArtifactError"),
+    ("pipeline.colorize", "ColorizeError"),
+    ("pipeline.manifest_tools", "ManifestToolError"),
+    ("pipeline.storage", "StorageError"),
+    ("pipeline.train_data", "TrainingConfigError"),
+    ("pipeline.train_data", "TrainingDataError"),
 )
+BUILTIN_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one the user can fix (a bad path, model, flag, or input)."""
+    if isinstance(error, BUILTIN_USER_ERRORS):
+        return True
+    for module_name, class_name in USER_ERROR_NAMES:
+        module = sys.modules.get(module_name)
+        error_type = getattr(module, class_name, None) if module is not None else None
+        if isinstance(error_type, type) and isinstance(error, error_type):
+            return True
+    return False

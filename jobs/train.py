@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from models.artifact import DEFAULT_MODEL_NAME
+from models.config import DEFAULT_MODEL_NAME
 
 MAX_DEPTH = 8  # the reference U-Net's depth; deeper adds nothing at 256²
 MIN_DEFAULT_DEPTH = 5  # shallower U-Nets see too little context to colour anything

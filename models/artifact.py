@@ -21,14 +21,13 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from models.colour import normalization_spec
-from models.config import GeneratorConfig
+from models.config import DEFAULT_MODEL_NAME, GeneratorConfig
 from models.networks import UNetGenerator, count_parameters
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 ARTIFACT_FORMAT = "chromascan-model"
 ARTIFACT_FORMAT_VERSION = 1
-DEFAULT_MODEL_NAME = "chromascan-pix2pix"
 ARCHITECTURE = "pix2pix-unet"
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

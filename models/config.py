@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+DEFAULT_MODEL_NAME = "chromascan-pix2pix"  # the first half of a model id when none is given
+
 
 @dataclass(frozen=True)
 class GeneratorConfig:

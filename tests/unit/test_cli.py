@@ -132,3 +132,25 @@ def test_model_bench_refuses_unknown_precision(capsys: pytest.CaptureFixture[str
     code, _, err = _run(capsys, "bench", "forward", "-p", "int3")
     assert code == 2
     assert "unknown precision 'int3'" in err
+
+
+def test_the_cli_starts_without_loading_torch_or_ray() -> None:
+    # `chromascan --help` and every one-line error must answer at once, not after 2 s of
+    # importing the pipeline.
+    probe = "import sys, jobs.cli; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_cli_default_pixel_limit_matches_the_decoder() -> None:
+    from jobs.colorize import DEFAULT_MAX_PIXELS as CLI_DEFAULT
+    from pipeline.decode import DEFAULT_MAX_PIXELS
+
+    assert CLI_DEFAULT == DEFAULT_MAX_PIXELS
+
+
+def test_bare_command_prints_help_once(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    assert capsys.readouterr().out.count("Usage:") == 1
