@@ -250,12 +250,16 @@ def demo(
     output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
         "chromascan-demo"
     ),
-    quick: Annotated[bool, typer.Option(help="A tiny model and images, for CI.")] = False,
+    quick: Annotated[bool, typer.Option(help="A tiny model and short training, for CI.")] = False,
 ) -> None:
-    """Run the built-in demo on sample photos that installed packages ship."""
-    from jobs.demo import run_demo
+    """Train on sample photos, colour a sample archive, check it, and report: the whole product."""
+    from jobs.demo import DemoError, run_demo
 
-    run_demo(output, quick=quick, echo=typer.echo)
+    try:
+        run_demo(output, quick=quick, echo=typer.echo)
+    except DemoError as err:
+        typer.echo(f"chromascan: demo stopped: {err}", err=True)
+        raise typer.Exit(1) from err
 
 
 app.command("colorize")(colorize_command)

@@ -16,6 +16,7 @@ import fsspec.config
 import pytest
 import s3fs
 
+from tests.integration.browser import chromium  # noqa: F401  (headless Chromium fixture)
 from tests.integration.ray_cluster import ray_local  # noqa: F401  (the shared Ray fixture)
 from tests.integration.s3server import SeaweedS3
 
