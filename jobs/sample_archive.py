@@ -17,7 +17,7 @@ from PIL import Image
 
 # Training photos (name -> loader name); the held-out ones are below.
 _TRAIN = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "motorcycle_left",
-          "retina", "coffee_crop_left")  # fmt: skip
+          "retina")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ def _photos() -> dict[str, np.ndarray]:
     }
     left, right, _ = data.stereo_motorcycle()
     photos["motorcycle_left"], photos["motorcycle_right"] = left, right
-    photos["coffee_crop_left"] = photos["coffee"][:, :250]  # coffee's right part is held out
     try:
         from sklearn.datasets import load_sample_images
 
@@ -103,7 +102,7 @@ def build_sample_archive(root: Path, *, quick: bool = False) -> list[ArchiveScan
     _grey(photos["chelsea"]).save(archive / "box-01/cat.jpg", quality=90)
     Image.fromarray(photos["chelsea"]).save(originals / "chelsea.png")
     # 16-bit greyscale TIFF, as film scanners write.
-    coffee = photos["coffee"][:, 250:]
+    coffee = photos["coffee"]
     grey16 = (np.asarray(_grey(coffee), np.float64) * 257).astype(np.uint16)
     Image.fromarray(grey16).save(archive / "box-01/coffee-16bit.tif", dpi=(1200, 1200))
     Image.fromarray(coffee).save(originals / "coffee.png")
