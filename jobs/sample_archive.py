@@ -91,9 +91,6 @@ def build_sample_archive(root: Path, *, quick: bool = False) -> list[ArchiveScan
     for name in _TRAIN:
         for index, crop in enumerate(_crops(photos[name], per_photo, rng)):
             crop.convert("RGB").save(root / "train" / f"{name}-{index}.jpg", quality=92)
-    if "china" in photos and not quick:
-        for index, crop in enumerate(_crops(photos["china"], per_photo, rng)):
-            crop.save(root / "train" / f"china-{index}.jpg", quality=92)
 
     archive, originals = root / "archive", root / "originals"
     for folder in (archive / "box-01", archive / "box-02", originals):
