@@ -145,7 +145,7 @@ def with_output_paths(listing: pa.Table) -> pa.Table:
     outputs = [output_relative_path(path) for path in relative]
     counts = Counter(outputs)
     resolved = [
-        f"{path}.png" if counts[output] > 1 else output
+        output_relative_path(path, keep_suffix=True) if counts[output] > 1 else output
         for path, output in zip(relative, outputs, strict=True)
     ]
     return listing.append_column("output_path", pa.array(resolved, pa.string()))

@@ -206,11 +206,34 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-def output_relative_path(relative_path: str) -> str:
-    """images/<source path relative to SRC, suffix replaced by .png> (DESIGN.md)."""
-    folder, _, name = relative_path.rpartition("/")
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    return f"{folder}/{stem}.png" if folder else f"{stem}.png"
+_UNSAFE_SEGMENTS = {"": "%2F", ".": "%2E", "..": "%2E%2E"}
+
+
+def _safe_segment(segment: str) -> str:
+    """One path segment that names a file inside its folder and nothing else."""
+    if segment in _UNSAFE_SEGMENTS:
+        return _UNSAFE_SEGMENTS[segment]
+    # Percent-encode what could change the path on some file system: backslash separators,
+    # control characters, NUL. ("%" stays: names like "50% grey.jpg" keep their look.)
+    return "".join(
+        f"%{ord(char):02X}" if char == "\\" or ord(char) < 0x20 or ord(char) == 0x7F else char
+        for char in segment
+    )
+
+
+def output_relative_path(relative_path: str, *, keep_suffix: bool = False) -> str:
+    """images/<source path relative to SRC, suffix replaced by .png> (DESIGN.md).
+
+    ``keep_suffix`` appends .png instead (scan.tif -> scan.tif.png), for sources whose names
+    differ only in their suffix.
+
+    Object keys are untrusted: a key with "..", a leading "/", backslashes or control
+    characters still maps to a path inside DST/images (those parts are percent-encoded).
+    """
+    segments = [_safe_segment(part) for part in relative_path.lstrip("/").split("/")]
+    name = segments[-1]
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") and not keep_suffix else name
+    return "/".join([*segments[:-1], f"{stem}.png"])
 
 
 def _sampled(rgb: np.ndarray) -> np.ndarray:
