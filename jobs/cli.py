@@ -245,6 +245,88 @@ def bench_nightly_command(
     )
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    from jobs.bench_run import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="'--size'") from err
+
+
+@bench_app.command("run")
+def bench_run_command(
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model artifact; default: reference.")
+    ] = None,
+    size: Annotated[
+        str, typer.Option(help="Generated scans' WIDTHxHEIGHT, also the projection's size.")
+    ] = "512x384",
+    bits: Annotated[
+        int, typer.Option(help="8: JPEG photos; 16: TIFF scans (e.g. --size 6000x4000).")
+    ] = 8,
+    images: Annotated[int, typer.Option(min=1, help="How many scans to generate.")] = 32,
+    src: Annotated[
+        str | None,
+        typer.Option(help="Use these scans instead (a URL the cluster can read when remote)."),
+    ] = None,
+    dst: Annotated[
+        str | None, typer.Option(help="Where the end-to-end run writes; default: a temp folder.")
+    ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option("--precision", "-p", help="Model precisions to time; repeatable."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
+    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
+    actor_cpus: Annotated[int, typer.Option(min=1, help="CPUs (threads) per actor.")] = 1,
+    gpu: Annotated[bool, typer.Option(help="Run the model on GPUs.")] = False,
+    scans: Annotated[int, typer.Option(min=1, help="Archive size for the projection.")] = (
+        3_000_000
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Each stage alone and the whole pipeline on this cluster, the bottleneck and a projection."""
+    import tempfile
+
+    from jobs.bench_run import bench_run, report_lines, write_samples
+    from jobs.runtime import ensure_ray
+    from pipeline.colorize import PRECISIONS
+
+    width, height = _parse_size(size)
+    if bits not in (8, 16):
+        raise typer.BadParameter(f"bits must be 8 or 16, got {bits}", param_hint="'--bits'")
+    precisions = precision or ["fp32", "bf16"]
+    for name in precisions:
+        if name not in PRECISIONS:
+            raise typer.BadParameter(
+                f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}",
+                param_hint="'--precision'",
+            )
+
+    def progress(line: str) -> None:
+        typer.echo(f"bench: {line}", err=True)
+
+    with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
+        model = model or _reference_model(scratch)
+        if src is None:
+            src = f"{scratch}/scans"
+            kind = "JPEG" if bits == 8 else f"{bits}-bit TIFF"
+            progress(f"writing {images} sample scans ({width}×{height} {kind}) ...")
+            write_samples(src, images, width=width, height=height, bits=bits)
+        ensure_ray()
+        report = bench_run(
+            src, model, precisions=precisions, batch_size=batch_size, actors=actors,
+            actor_cpus=actor_cpus, gpu=gpu, scans=scans, dst=dst,
+            software=f"chromascan {package_version()}", progress=progress,
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    for line in report_lines(report):
+        typer.echo(line)
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(
