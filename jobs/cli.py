@@ -327,6 +327,54 @@ def bench_run_command(
         typer.echo(line)
 
 
+@bench_app.command("memory")
+def bench_memory_command(
+    images: Annotated[
+        list[int] | None,
+        typer.Option("--images", min=1, help="Scans per run; repeatable (default 1000, 10000)."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model artifact; default: a tiny one.")
+    ] = None,
+    size: Annotated[str, typer.Option(help="Generated scans' WIDTHxHEIGHT.")] = "64x48",
+) -> None:
+    """Driver and worker peak memory of colorize runs of growing size (should stay flat)."""
+    import tempfile
+
+    from jobs.bench_memory import bench_memory
+    from jobs.bench_run import write_samples
+
+    width, height = _parse_size(size)
+    counts = images or [1000, 10000]
+    with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
+        if model is None:
+            model = _tiny_model(scratch)
+        typer.echo(
+            f"bench: writing {max(counts)} sample scans ({width}×{height} JPEG) ...", err=True
+        )
+        write_samples(f"{scratch}/scans", max(counts), width=width, height=height, bits=8)
+        typer.echo(f"{'images':>7} {'seconds':>8} {'driver peak MiB':>15} {'worker peak MiB':>15}")
+        for count in counts:
+            typer.echo(f"bench: colouring {count} scans in a fresh local cluster ...", err=True)
+            (run,) = bench_memory(f"{scratch}/scans", model, counts=[count])
+            typer.echo(
+                f"{run.images:>7} {run.seconds:>8.1f} {run.driver_peak_mib:>15.0f} "
+                f"{run.worker_peak_mib:>15.0f}"
+            )
+
+
+def _tiny_model(scratch: str) -> str:
+    """A width-4 model: memory flatness is about the pipeline, and the run must be short."""
+    from models.config import GeneratorConfig
+    from models.networks import UNetGenerator, init_weights
+    from pipeline.model_store import save_model
+
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    save_model(generator, f"{scratch}/tiny-model", name="tiny-untrained")
+    return f"{scratch}/tiny-model"
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = Path(

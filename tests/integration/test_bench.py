@@ -70,3 +70,23 @@ def test_bench_run_json_has_the_fields(
     assert report["projection"]["hours_at_end_to_end"] > 0
     assert report["projection"]["hours_at_estimate"] > 0
     assert "cluster rate = single-worker rate x workers" in report["method"]
+
+
+def test_worker_peaks_are_this_clusters_workers() -> None:
+    import os
+
+    import ray
+
+    from jobs.bench_memory import WorkerPeaks, peak_rss_mib, raylet_worker_pids
+
+    @ray.remote(num_cpus=1)
+    def worker_pid() -> int:
+        return os.getpid()
+
+    pid = ray.get(worker_pid.remote())
+    assert pid in raylet_worker_pids()
+    assert os.getpid() not in raylet_worker_pids()  # the driver is not a raylet child
+    with WorkerPeaks() as peaks:
+        pass
+    assert peaks.peaks[pid] == pytest.approx(peak_rss_mib(pid), rel=0.5)
+    assert peaks.peaks[pid] > 10  # a Python worker with Ray loaded is tens of MiB at least

@@ -101,3 +101,15 @@ def test_report_lines_and_json_name_every_stage() -> None:
     document = report.as_dict()
     assert [s["stage"] for s in document["stages"]] == ["prepare", "model", "model", "finalize"]
     assert document["projection"]["hours_at_estimate"] == pytest.approx(3_000_000 / 10 / 3600)
+
+
+def test_peak_rss_is_read_for_a_live_process_only() -> None:
+    import os
+    import resource
+
+    from jobs.bench_memory import peak_rss_mib
+
+    peak = peak_rss_mib(os.getpid())
+    # VmHWM and ru_maxrss are the same kernel counter, in kB both.
+    assert peak == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.1)
+    assert peak_rss_mib(2**22 + 1) is None  # above the kernel's largest pid
