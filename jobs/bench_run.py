@@ -314,6 +314,43 @@ def _end_to_end(
     return EndToEnd(config.precision, summary.ok, summary.elapsed_s, _steady_rate(samples))
 
 
+def _time_stages(
+    timer: Any,
+    uris: list[str],
+    *,
+    precisions: Sequence[str],
+    batch_size: int,
+    task_workers: int,
+    actors: int,
+    model_cpus: float,
+    progress: Callable[[str], None],
+) -> tuple[list[StageRate], tuple[int, int, int]]:
+    """Every stage on the StageTimer actor, in order; the rates and the first input's size."""
+    import ray
+
+    from pipeline.colorize import ColorizeError
+
+    count = len(uris)
+    progress(f"prepare: {count} images on one worker ...")
+    prepared = ray.get(timer.prepare.remote(uris))
+    if prepared["error"]:
+        raise ColorizeError(f"cannot bench on inputs that fail: {prepared['error']}")
+    stages = [StageRate("prepare", None, count, prepared["seconds"], task_workers, 1.0)]
+    progress(f"prepare: {stages[-1].single_worker_images_per_s:.2f} images/s")
+    for precision in precisions:
+        progress(f"model {precision}: batch {batch_size} ...")
+        seconds = ray.get(timer.model.remote(precision, batch_size))
+        stages.append(StageRate("model", precision, count, seconds, actors, model_cpus))
+        progress(f"model {precision}: {stages[-1].single_worker_images_per_s:.2f} images/s")
+    progress("finalize: ...")
+    finalized = ray.get(timer.finalize.remote())
+    if finalized["error"]:
+        raise ColorizeError(f"finalize failed: {finalized['error']}")
+    stages.append(StageRate("finalize", None, count, finalized["seconds"], task_workers, 1.0))
+    progress(f"finalize: {stages[-1].single_worker_images_per_s:.2f} images/s")
+    return stages, (prepared["width"], prepared["height"], prepared["bits"])
+
+
 def bench_run(
     src: str,
     model_url: str,
@@ -352,27 +389,13 @@ def bench_run(
     )
     timer = timer_class.remote(model_url, use_gpu=gpu, threads=actor_cpus)
     count = len(uris)
-    progress(f"prepare: {count} images on one worker ...")
-    prepared = ray.get(timer.prepare.remote(uris))
-    if prepared["error"]:
-        raise ColorizeError(f"cannot bench on inputs that fail: {prepared['error']}")
-    width, height, bits = prepared["width"], prepared["height"], prepared["bits"]
-    stages = [StageRate("prepare", None, count, prepared["seconds"], task_workers, 1.0)]
-    progress(f"prepare: {stages[-1].single_worker_images_per_s:.2f} images/s")
-    for precision in precisions:
-        progress(f"model {precision}: batch {batch_size} ...")
-        seconds = ray.get(timer.model.remote(precision, batch_size))
-        stages.append(
-            StageRate("model", precision, count, seconds, actors, 0.0 if gpu else actor_cpus)
-        )
-        progress(f"model {precision}: {stages[-1].single_worker_images_per_s:.2f} images/s")
-    progress("finalize: ...")
-    finalized = ray.get(timer.finalize.remote())
-    if finalized["error"]:
-        raise ColorizeError(f"finalize failed: {finalized['error']}")
-    stages.append(StageRate("finalize", None, count, finalized["seconds"], task_workers, 1.0))
-    progress(f"finalize: {stages[-1].single_worker_images_per_s:.2f} images/s")
-    ray.kill(timer)  # its CPU is the pipeline's now
+    try:
+        stages, (width, height, bits) = _time_stages(
+            timer, uris, precisions=precisions, batch_size=batch_size, task_workers=task_workers,
+            actors=actors, model_cpus=0.0 if gpu else actor_cpus, progress=progress,
+        )  # fmt: skip
+    finally:
+        ray.kill(timer)  # its CPU is the pipeline's now, and a failed bench leaves nothing behind
 
     fastest = max((s for s in stages if s.stage == "model"), key=lambda s: s.cluster_images_per_s)
     precision = fastest.precision or "fp32"
