@@ -35,6 +35,17 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _COLOUR_MODES_TO_RGB = ("RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA", "La")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None when ``data`` is not a PNG."""
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
 class DecodeError(ValueError):
     """A file that is not a decodable image; ``error_type`` says why in one word."""
 
@@ -162,6 +173,14 @@ def decode_image(
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
+        # Pillow refuses any image with a zero side before our size check can see it, and
+        # says only "cannot identify"; a PNG header that declares no pixels is worth naming.
+        declared = _png_declared_size(data)
+        if declared is not None and 0 in declared:
+            raise DecodeError(
+                f"image has no pixels (its PNG header declares {declared[0]}×{declared[1]})",
+                error_type="EmptyImage",
+            ) from err
         raise DecodeError(
             f"not an image format this installation can read (file starts with {data[:12]!r})",
             error_type=type(err).__name__,

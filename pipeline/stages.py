@@ -69,6 +69,24 @@ def _error_fields(error: BaseException, error_type: str | None = None) -> dict[s
     }
 
 
+def _restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Columns that arrived as all-NaN floats back to None objects.
+
+    A block whose text or integer column holds only None (four failed inputs in a row have no
+    source_format; four good ones have no error_type) becomes an Arrow null column, and Ray
+    Data hands that to the next stage as float NaN. Passed on as floats, it meets the same
+    column as strings in another batch of the same task, and Arrow's concat fails the whole
+    task ("source_format has incompatible types: string vs float"): one unlucky run of bad
+    inputs stopped the run. As None objects it stays a null column, which merges with any type.
+    """
+    return {
+        key: np.full(len(value), None, dtype=object)
+        if value.ndim == 1 and value.dtype.kind == "f" and len(value) and np.isnan(value).all()
+        else value
+        for key, value in batch.items()
+    }
+
+
 def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]:
     """Read, hash and decode one listed input; the model-size L, or the reason it failed."""
     started = time.time()
@@ -166,6 +184,7 @@ class Colorizer:
         return ab.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = _restore_nulls(batch)
         ok = batch["status"] == STATUS_OK
         count = len(ok)
         size = batch["l_model"].shape[-1]
@@ -327,6 +346,7 @@ def prepare_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[s
 
 def finalize_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[str, np.ndarray]:
     """Ray Data map_batches wrapper around finalize_one; drops the bytes and arrays."""
+    batch = _restore_nulls(batch)
     count = len(batch["source_uri"])
     rows = []
     for i in range(count):

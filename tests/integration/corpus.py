@@ -41,21 +41,114 @@ def _png_with_declared_size(width: int, height: int) -> bytes:
     return bytes(raw)
 
 
+def _tiff_with_declared_size(width: int, height: int) -> bytes:
+    """An uncompressed 8-bit grey TIFF header claiming width × height, with 8 bytes of strip."""
+    entries = [  # (tag, type, count, value): type 3 SHORT, 4 LONG
+        (256, 4, 1, width),  # ImageWidth
+        (257, 4, 1, height),  # ImageLength
+        (258, 3, 1, 8),  # BitsPerSample
+        (259, 3, 1, 1),  # Compression: none
+        (262, 3, 1, 1),  # PhotometricInterpretation: black is zero
+        (273, 4, 1, 0),  # StripOffsets, patched below
+        (277, 3, 1, 1),  # SamplesPerPixel
+        (278, 4, 1, height),  # RowsPerStrip
+        (279, 4, 1, width * height),  # StripByteCounts: what the header promises
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    strip_offset = 8 + ifd_size
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, declared in entries:
+        value = strip_offset if tag == 273 else declared
+        packed = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + bytes(8)
+
+
+def _jpeg_with_malformed_exif(image: Image.Image) -> bytes:
+    """A JPEG whose EXIF points its Exif and GPS sub-IFDs past the end of the block.
+
+    Camera firmware and careless editors write such blocks; the pixels are fine, so the scan
+    must be coloured, not refused.
+    """
+    ifd0 = struct.pack("<H", 3)
+    ifd0 += struct.pack("<HHIHH", 0x0112, 3, 1, 1, 0)  # Orientation: normal
+    ifd0 += struct.pack("<HHII", 0x8769, 4, 1, 0xFFFF)  # Exif IFD far past the end
+    ifd0 += struct.pack("<HHII", 0x8825, 4, 1, 0x7FFFFFF0)  # GPS IFD: nonsense offset
+    ifd0 += struct.pack("<I", 0x00FFFFFF)  # "next IFD" past the end as well
+    buffer = io.BytesIO()
+    image.save(
+        buffer, format="JPEG", quality=90, exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + ifd0
+    )
+    return buffer.getvalue()
+
+
+# File names archives really hold: spaces, '#', '%', accents and CJK (all UTF-8), and a long
+# one. 200 bytes, not 255: an output is first written as ".<name>.<32 hex>.tmp" (38 bytes
+# more) and local file systems refuse segments over 255 bytes.
+UNUSUAL_NAMES = (
+    "good/names/box 12 #3 — 50% grey, ünïcödé 東京.jpg",
+    "good/names/" + "long-" * 38 + "long-name.jpg",
+)
+
+
+def _odd_but_valid(root: Path, small: Image.Image) -> list[Entry]:
+    """Valid files that look odd: each must be coloured like any other scan."""
+    entries: list[Entry] = []
+    # A PNG named .jpg: the decoder goes by the bytes, not the name.
+    small.save(root / "good" / "png_named.jpg", format="PNG")
+    entries.append(Entry("good/png_named.jpg", ok=True))
+    # A folder named like an image: only the scan inside it is an input.
+    (root / "good" / "folder.jpg").mkdir(exist_ok=True)
+    small.save(root / "good" / "folder.jpg" / "inside.png")
+    entries.append(Entry("good/folder.jpg/inside.png", ok=True))
+    # One pixel: smaller than any model input, still a picture.
+    Image.new("L", (1, 1), 90).save(root / "good" / "one_pixel.png")
+    entries.append(Entry("good/one_pixel.png", ok=True))
+    (root / "good" / "bad_exif.jpg").write_bytes(_jpeg_with_malformed_exif(small))
+    entries.append(Entry("good/bad_exif.jpg", ok=True))
+    # An embedded ICC profile that no colour engine can parse: the grey samples are still
+    # what they are, and the output carries its own sRGB profile.
+    small.save(root / "good" / "bad_icc.png", icc_profile=b"not an ICC profile " * 8)
+    entries.append(Entry("good/bad_icc.png", ok=True))
+    (root / "good" / "names").mkdir(exist_ok=True)
+    for name in UNUSUAL_NAMES:
+        small.save(root / name, format="JPEG", quality=90)
+        entries.append(Entry(name, ok=True))
+    return entries
+
+
+def _more_bad(root: Path, grey: Image.Image) -> list[Entry]:
+    """Truncations, another bomb and a 0 × 0 image: each one failed row, naming the problem."""
+    entries: list[Entry] = []
+    # Truncated PNG and (uncompressed) TIFF: headers intact, pixel data cut off mid-way.
+    for name, image_format in (("truncated.png", "PNG"), ("truncated.tif", "TIFF")):
+        buffer = io.BytesIO()
+        grey.save(buffer, format=image_format)
+        whole = buffer.getvalue()
+        (root / "bad" / name).write_bytes(whole[: len(whole) // 2])
+        entries.append(Entry(f"bad/{name}", ok=False, error_type="OSError"))
+    # The same kind of bomb in TIFF: 130 bytes of file claiming 60,000 × 60,000 pixels.
+    (root / "bad" / "bomb.tif").write_bytes(_tiff_with_declared_size(60_000, 60_000))
+    entries.append(Entry("bad/bomb.tif", ok=False, error_type="ImageTooLarge"))
+    # A PNG whose header declares 0 × 0 pixels. Pillow refuses to open any 0-pixel image (and
+    # cannot write one), so this is the only 0 × 0 image an archive can hold that reaches us.
+    (root / "bad" / "zero.png").write_bytes(_png_with_declared_size(0, 0))
+    entries.append(Entry("bad/zero.png", ok=False, error_type="EmptyImage"))
+    return entries
+
+
 def make_corpus(root: Path, *, photos: int = 2) -> list[Entry]:
     """Write the corpus under ``root``; returns what each file is."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "good").mkdir(exist_ok=True)
-    (root / "bad").mkdir(exist_ok=True)
+    for folder in ("good", "bad"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
     entries: list[Entry] = []
     astronaut, coffee, chelsea = data.astronaut(), data.coffee(), data.chelsea()
 
     # Real photos, as black-and-white scans.
-    for index, (name, photo) in enumerate(
-        [("astronaut", astronaut), ("coffee", coffee), ("rocket", data.rocket())][:photos]
-    ):
+    real = [("astronaut", astronaut), ("coffee", coffee), ("rocket", data.rocket())]
+    for name, photo in real[:photos]:
         _grey(photo).save(root / "good" / f"{name}.jpg", quality=90)
         entries.append(Entry(f"good/{name}.jpg", ok=True))
-        del index
 
     # 16-bit greyscale TIFF: a real tonal range, not 8 bits stretched.
     grey16 = (np.asarray(_grey(chelsea), np.float64) / 255.0 * 65535).astype(np.uint16)
@@ -102,6 +195,8 @@ def make_corpus(root: Path, *, photos: int = 2) -> list[Entry]:
     _grey(chelsea).save(root / "good" / "UPPER.JPEG", format="JPEG")
     entries.append(Entry("good/UPPER.JPEG", ok=True))
 
+    entries += _odd_but_valid(root, _grey(coffee).resize((96, 64)))
+
     # The bad ones.
     buffer = io.BytesIO()
     _grey(astronaut).save(buffer, format="JPEG", quality=90)
@@ -117,6 +212,7 @@ def make_corpus(root: Path, *, photos: int = 2) -> list[Entry]:
         b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
     )
     entries.append(Entry("bad/drawing.tif", ok=False, error_type="UnidentifiedImageError"))
+    entries += _more_bad(root, _grey(chelsea))
 
     # Not listed at all: not an image suffix, or hidden.
     (root / "good" / "README.txt").write_text("scans from box 12\n")

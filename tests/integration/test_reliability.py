@@ -1,0 +1,236 @@
+"""Bad input refused with one clear line, S3 access control, and inputs the listing chokes on.
+
+The bad-input corpus itself (tests/integration/corpus.py) runs through test_colorize and
+test_manifest_tools; this module covers what a user types and what a store refuses.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import s3fs
+import torch
+from PIL import Image
+
+from jobs.cli import main
+from models.config import GeneratorConfig
+from models.networks import UNetGenerator, init_weights
+from pipeline.colorize import ColorizeConfig, run_colorize
+from pipeline.listing import list_images
+from pipeline.model_store import save_model
+from pipeline.storage import StorageError
+
+NOT_AN_ARTIFACT = (
+    "{path}/model.json: missing; a model artifact needs both model.json and model.safetensors"
+)
+SIGNATURE = (
+    "The request signature we calculated does not match the signature you provided. Check your "
+    "key and signing method."
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    folder = tmp_path_factory.mktemp("model")
+    save_model(generator, str(folder), name="reliability")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("scans")
+    for index in range(2):
+        Image.new("L", (48, 32), 60 + 80 * index).save(folder / f"scan{index}.png")
+    return folder
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+# --- CLI: every job command refuses bad input with one line and a non-zero exit -----------
+
+# (argv, exit code, the whole of stderr); {scans}, {model}, {tmp} are filled in per test.
+_USAGE = "(see 'chromascan {command} --help')"
+CLI_CASES: list[tuple[list[str], int, str]] = [
+    # A path that does not exist.
+    (["colorize", "{tmp}/nowhere", "{tmp}/out", "-m", "{model}"], 1,
+     "{tmp}/nowhere: no such folder or prefix"),
+    (["nightly", "{tmp}/nowhere", "{tmp}/out", "-m", "{model}"], 1,
+     "{tmp}/nowhere: no such folder or prefix"),
+    (["train", "{tmp}/nowhere", "-o", "{tmp}/out"], 1, "{tmp}/nowhere: no such folder or prefix"),
+    (["manifest", "summary", "{tmp}/nowhere"], 1, "{tmp}/nowhere: no such folder or prefix"),
+    (["manifest", "verify", "{tmp}/nowhere"], 1, "{tmp}/nowhere: no such folder or prefix"),
+    (["manifest", "report", "{tmp}/nowhere", "--out", "{tmp}/r.html"], 1,
+     "{tmp}/nowhere: no such folder or prefix"),
+    (["manifest", "export-bag", "{tmp}/nowhere", "{tmp}/bag"], 1,
+     "{tmp}/nowhere: no such folder or prefix"),
+    # A model that is not an artifact: a folder of scans, a missing folder, an image file.
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{scans}"], 1,
+     NOT_AN_ARTIFACT.format(path="{scans}")),
+    (["nightly", "{scans}", "{tmp}/out", "-m", "{tmp}/nomodel"], 1,
+     NOT_AN_ARTIFACT.format(path="{tmp}/nomodel")),
+    (["model", "info", "{scans}"], 1, NOT_AN_ARTIFACT.format(path="{scans}")),
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{scans}/scan0.png"], 1,
+     "{scans}/scan0.png/model.json: cannot read (NotADirectoryError: [Errno 20] Not a directory: "
+     "'{scans}/scan0.png/model.json')"),
+    # Zero and negative counts.
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{model}", "--batch-size", "0"], 2,
+     "Invalid value for '--batch-size': Input should be greater than or equal to 1 " + _USAGE),
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{model}", "--actors", "-2"], 2,
+     "Invalid value for '--actors': Input should be greater than or equal to 1 " + _USAGE),
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{model}", "--limit", "-1"], 2,
+     "Invalid value for '--limit': Input should be greater than or equal to 0 " + _USAGE),
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{model}", "--max-pixels", "0"], 2,
+     "Invalid value for '--max-pixels': Input should be greater than or equal to 1 " + _USAGE),
+    (["nightly", "{scans}", "{tmp}/out", "-m", "{model}", "--batch-size", "0"], 2,
+     "Invalid value for '--batch-size': Input should be greater than or equal to 1 " + _USAGE),
+    (["nightly", "{scans}", "{tmp}/out", "-m", "{model}", "--actor-cpus", "-1"], 2,
+     "Invalid value for '--actor-cpus': Input should be greater than or equal to 1 " + _USAGE),
+    (["train", "{scans}", "-o", "{tmp}/out", "--epochs", "0"], 2,
+     "Invalid value for '--epochs': Input should be greater than or equal to 1 " + _USAGE),
+    (["train", "{scans}", "-o", "{tmp}/out", "--workers", "-1"], 2,
+     "Invalid value for '--workers': Input should be greater than or equal to 1 " + _USAGE),
+    (["model", "init", "{tmp}/m", "--width", "0"], 2,
+     "Invalid value for '--width': Input should be greater than or equal to 1 " + _USAGE),
+    (["manifest", "verify", "{tmp}", "--workers", "0"], 2,
+     "Invalid value for '--workers': Input should be greater than or equal to 1 " + _USAGE),
+    # An unknown option.
+    (["colorize", "{scans}", "{tmp}/out", "-m", "{model}", "--frobnicate"], 2,
+     "No such option: --frobnicate " + _USAGE),
+    (["nightly", "{scans}", "{tmp}/out", "-m", "{model}", "--frobnicate"], 2,
+     "No such option: --frobnicate " + _USAGE),
+    (["train", "{scans}", "-o", "{tmp}/out", "--frobnicate"], 2,
+     "No such option: --frobnicate " + _USAGE),
+    (["model", "info", "{model}", "--frobnicate"], 2, "No such option: --frobnicate " + _USAGE),
+]  # fmt: skip
+
+
+def _command_name(argv: list[str]) -> str:
+    return " ".join(argv[:2]) if argv[0] in ("model", "manifest") else argv[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    CLI_CASES,
+    ids=[f"{_command_name(argv)}:{message[:40]}" for argv, _, message in CLI_CASES],
+)
+def test_cli_bad_input_is_one_line(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, scans: Path, tmp_path: Path,
+    argv: list[str], code: int, message: str,
+) -> None:  # fmt: skip
+    values = {"scans": str(scans), "model": str(model_dir), "tmp": str(tmp_path),
+              "command": _command_name(argv)}  # fmt: skip
+    filled = [part.format(**values) for part in argv]
+    got, err = _run(capsys, filled)
+    assert got == code
+    assert err == f"chromascan: {message.format(**values)}\n"
+    # Nothing written for a run that was refused.
+    assert not (tmp_path / "out").exists()
+
+
+# --- S3 with access control --------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_archive(s3_server: Any, s3_bucket: str, scans: Path, model_dir: Path) -> str:
+    """The bucket holding scans/ and model/, uploaded with the right credentials."""
+    fs = s3fs.S3FileSystem(**s3_server.storage_options(), skip_instance_cache=True)
+    fs.put(f"{scans}/", f"{s3_bucket}/scans/", recursive=True)
+    fs.put(f"{model_dir}/", f"{s3_bucket}/model/", recursive=True)
+    return s3_bucket
+
+
+def _keys(s3_server: Any, bucket: str) -> list[str]:
+    fs = s3fs.S3FileSystem(**s3_server.storage_options(), skip_instance_cache=True)
+    return sorted(fs.find(bucket))
+
+
+def test_s3_wrong_credentials_fail_with_one_line_and_write_nothing(
+    s3_server: Any,
+    s3_env: dict[str, str],
+    s3_archive: str,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = _keys(s3_server, s3_archive)
+    wrong = "wrong-" + s3_server.secret_key[6:]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made with the right key is cached
+    bucket = f"s3://{s3_archive}"
+    cases = [
+        # The model is read first: S3 answers a wrongly signed HEAD with a bare 403.
+        (["colorize", f"{bucket}/scans", f"{bucket}/out", "-m", f"{bucket}/model"],
+         f"{bucket}/model/model.json: cannot read (PermissionError: Forbidden)"),
+        (["colorize", f"{bucket}/scans", f"{bucket}/out", "-m", str(model_dir)],
+         f"{bucket}/scans: cannot list (PermissionError: {SIGNATURE})"),
+        (["nightly", f"{bucket}/scans", f"{bucket}/out", "-m", str(model_dir)],
+         f"{bucket}/scans: cannot list (PermissionError: {SIGNATURE})"),
+        (["train", f"{bucket}/scans", "-o", f"{bucket}/train"],
+         f"{bucket}/scans: cannot list (PermissionError: {SIGNATURE})"),
+        (["manifest", "summary", f"{bucket}/out"],
+         f"{bucket}/out: cannot open (PermissionError: {SIGNATURE})"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, err = _run(capsys, argv)
+        assert (code, err) == (1, f"chromascan: {message}\n"), argv
+        assert wrong not in err
+        assert s3_server.secret_key not in err
+    assert _keys(s3_server, s3_archive) == before
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_s3_same_run_with_wrong_then_right_credentials(
+    s3_server: Any, s3_archive: str, tmp_path: Path
+) -> None:
+    right = s3_server.storage_options()
+    wrong = {**right, "secret": "wrong-" + s3_server.secret_key[6:]}
+    bucket = f"s3://{s3_archive}"
+    config = ColorizeConfig(src=f"{bucket}/scans", dst=f"{bucket}/out", model=f"{bucket}/model")
+    before = _keys(s3_server, s3_archive)
+    with pytest.raises(StorageError) as refused:
+        run_colorize(config, software="chromascan test", storage_options=wrong)
+    assert (
+        str(refused.value) == f"{bucket}/model/model.json: cannot read (PermissionError: Forbidden)"
+    )
+    assert _keys(s3_server, s3_archive) == before
+
+    summary = run_colorize(config, software="chromascan test", storage_options=right)
+    assert (summary.listed, summary.ok, summary.failed) == (2, 2, 0)
+    written = [key for key in _keys(s3_server, s3_archive) if key not in before]
+    assert sorted(k for k in written if "/images/" in k) == [
+        f"{s3_archive}/out/images/scan0.png",
+        f"{s3_archive}/out/images/scan1.png",
+    ]
+
+
+# --- Names the listing cannot carry ------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=StorageError,
+    reason="pipeline/listing.py puts file names into Arrow strings, which must be UTF-8: one "
+    "non-UTF-8 name (Latin-1 from an old Windows share) refuses the whole listing",
+)
+def test_a_non_utf8_file_name_does_not_stop_the_listing(tmp_path: Path) -> None:
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 100).save(buffer, format="PNG")
+    (folder / "good.png").write_bytes(buffer.getvalue())
+    # b"caf\xe9.png" is "café.png" in Latin-1; Python gives it back as a surrogate escape.
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:
+        handle.write(buffer.getvalue())
+    listed = list_images(str(folder)).column("relative_path").to_pylist()
+    assert "good.png" in listed
+    assert len(listed) == 2
