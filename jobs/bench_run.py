@@ -200,7 +200,8 @@ class EndToEnd:
     precision: str
     images: int
     seconds: float  # the whole run_colorize call: Ray Data start-up and model loads included
-    steady_images_per_s: float | None  # from the first output to the last (None: one block)
+    # From the first output to the last (None: one block): start-up left out, an upper bound.
+    steady_images_per_s: float | None
 
     @property
     def images_per_s(self) -> float:
@@ -276,8 +277,9 @@ class BenchReport:
 
 
 def _steady_rate(samples: Sequence[tuple[float, int]]) -> float | None:
-    """Images/s between the first and last arriving output: start-up (actor model load, Ray
-    Data planning) excluded, which a run of millions of scans pays once."""
+    """Images/s from the first arriving output to the last: start-up (actor model load, Ray
+    Data planning), which a run of millions of scans pays once, is left out. An upper bound
+    on the steady rate: work finished before the first output arrived counts in the rate."""
     if len(samples) < 2:
         return None
     (first_s, first_done), (last_s, last_done) = samples[0], samples[-1]
@@ -436,7 +438,7 @@ def report_lines(report: BenchReport) -> list[str]:
     steady = e2e.steady_images_per_s
     lines.append(
         f"end to end ({e2e.precision}): {e2e.images_per_s:.2f} images/s over {e2e.seconds:.1f} s"
-        + (f", {steady:.2f} images/s after start-up" if steady else "")
+        + (f", {steady:.2f} images/s from the first output to the last" if steady else "")
     )
     bottleneck = report.bottleneck
     name = (
