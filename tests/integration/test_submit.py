@@ -321,10 +321,10 @@ def test_non_http_address_runs_in_process_with_ray_address(
 
     seen: dict[str, Any] = {}
 
-    def fake_execute(config: Any, *, address: str | None, allow_failures: bool) -> None:
+    def fake_execute(config: Any, *, allow_failures: bool) -> None:
         import os
 
-        seen.update(config=config, address=address, env=os.environ.get("RAY_ADDRESS"))
+        seen.update(config=config, env=os.environ.get("RAY_ADDRESS"))
 
     monkeypatch.setattr(jobs.colorize, "_execute", fake_execute)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
