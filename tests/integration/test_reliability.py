@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
@@ -19,7 +22,7 @@ from PIL import Image
 from jobs.cli import main
 from models.config import GeneratorConfig
 from models.networks import UNetGenerator, init_weights
-from pipeline.colorize import ColorizeConfig, run_colorize
+from pipeline.colorize import ColorizeConfig, Progress, run_colorize
 from pipeline.listing import list_images
 from pipeline.model_store import save_model
 from pipeline.storage import StorageError
@@ -234,3 +237,65 @@ def test_a_non_utf8_file_name_does_not_stop_the_listing(tmp_path: Path) -> None:
     listed = list_images(str(folder)).column("relative_path").to_pylist()
     assert "good.png" in listed
     assert len(listed) == 2
+
+
+# --- The S3 server stops answering for a few seconds mid-run -----------------------------
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_s3_server_paused_mid_run_the_run_completes(
+    s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """SIGSTOP freezes every SeaweedFS component for 3 s once the first results are in.
+
+    Connections still open (the kernel queues them) but nothing answers, as with a stalled
+    server or a network hiccup; the run must wait it out, and end with one ok row per input.
+    SeaweedS3 restarts on new ports and a new data folder, so a stop-and-restart on the same
+    endpoint is not what this test can do.
+    """
+    options = s3_server.storage_options()
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for index in range(12):
+        buffer = io.BytesIO()
+        Image.new("L", (48, 32), 10 + 20 * index).save(buffer, format="PNG")
+        fs.pipe_file(f"{s3_bucket}/scans/scan{index:02d}.png", buffer.getvalue())
+    model = tmp_path / "model"
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    save_model(generator, str(model), name="paused")
+    bucket = f"s3://{s3_bucket}"
+    # One input per block and a manifest part per block: the driver keeps writing to the
+    # server while it is frozen, not only the workers.
+    config = ColorizeConfig(
+        src=f"{bucket}/scans", dst=f"{bucket}/out", model=str(model), batch_size=1,
+        rows_per_block=1, flush_rows=1,
+    )  # fmt: skip
+    paused: list[threading.Timer] = []
+    done_when_paused: list[int] = []
+
+    def pause_once(state: Progress) -> None:
+        if paused:
+            return
+        done_when_paused.append(state.done)
+        os.killpg(s3_server.pid, signal.SIGSTOP)
+        resume = threading.Timer(3.0, os.killpg, (s3_server.pid, signal.SIGCONT))
+        paused.append(resume)
+        resume.start()
+
+    try:
+        summary = run_colorize(
+            config, software="chromascan test", storage_options=options, progress=pause_once
+        )
+    finally:
+        # The server is shared by the whole session: it must never stay frozen.
+        for timer in paused:
+            timer.cancel()
+        os.killpg(s3_server.pid, signal.SIGCONT)
+    assert done_when_paused[0] < 12  # the pause fell inside the run, not after it
+    assert (summary.listed, summary.ok, summary.failed) == (12, 12, 0)
+    fs.invalidate_cache()
+    frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
+    assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]
+    assert set(frame["status"]) == {"ok"}
+    outputs = fs.find(f"{s3_bucket}/out/images")
+    assert sorted(outputs) == [f"{s3_bucket}/out/images/scan{i:02d}.png" for i in range(12)]
