@@ -82,7 +82,8 @@ def write_bytes_atomic(
         if "file" in fs.protocol or "local" in fs.protocol:
             parent = path.rsplit("/", 1)[0]
             fs.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
+            # A short hidden name: the target's own name may already be near the 255-byte limit.
+            tmp = f"{parent}/.chromascan-{uuid.uuid4().hex[:16]}.tmp"
             try:
                 with fs.open(tmp, "wb") as handle:
                     handle.write(data)

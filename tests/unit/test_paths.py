@@ -48,3 +48,14 @@ def test_names_that_differ_only_in_suffix_keep_it() -> None:
     outputs = with_output_paths(listing).column("output_path").to_pylist()
     assert outputs == ["box/scan.tif.png", "box/scan.jpg.png", "box/other.png",
                        "%2E%2E/scan.tif.png", "%2E%2E/scan.png.png"]  # fmt: skip
+
+
+def test_atomic_write_of_a_name_near_the_file_system_limit(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from pipeline.storage import write_bytes_atomic
+
+    target = Path(str(tmp_path)) / ("n" * 250 + ".png")  # 254 bytes: the limit is 255
+    write_bytes_atomic(str(target), b"png bytes")
+    assert target.read_bytes() == b"png bytes"
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temp file left
