@@ -1,14 +1,13 @@
 """Per-stage time and peak memory for one big scan (e.g. 6000×4000 or 60 MP, 16-bit TIFF).
 
-Each measurement runs in a fresh spawned process so its peak resident memory (ru_maxrss)
-belongs to that stage alone, as it would in a Ray task.
+Each measurement runs in a fresh spawned process so its peak resident memory (VmHWM) belongs
+to that stage alone, as it would in a Ray task.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import tempfile
 import time
 from typing import Any
@@ -35,6 +34,16 @@ def make_scan(path: str, width: int, height: int, bits: int) -> None:
     Image.fromarray(np.concatenate(rows).astype(dtype)).save(path)
 
 
+def _peak_kib() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over
+    exec from the forking parent, so a spawned child would report the parent's peak."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _measure(stage: str, scan: str, options: Any, ab: np.ndarray, queue: Any) -> None:
     import torch
 
@@ -44,7 +53,7 @@ def _measure(stage: str, scan: str, options: Any, ab: np.ndarray, queue: Any) ->
     row = {"source_uri": scan, "relative_path": "scan.tif", "output_path": "scan.png",
            "source_size": os.path.getsize(scan)}  # fmt: skip
     prepared = {**row, **prepare_one(row, options)} if stage == "finalize" else None
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _peak_kib()
     started = time.perf_counter()
     if stage == "prepare":
         result = prepare_one(row, options)
@@ -52,7 +61,7 @@ def _measure(stage: str, scan: str, options: Any, ab: np.ndarray, queue: Any) ->
         assert prepared is not None
         result = finalize_one(prepared, ab, options)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kib()
     queue.put({"stage": stage, "seconds": seconds, "status": result["status"],
                "error": result.get("error_message"),
                "peak_mib": peak / 1024, "baseline_mib": baseline / 1024})  # fmt: skip
