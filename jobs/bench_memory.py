@@ -1,7 +1,7 @@
 """Memory flatness: driver and worker peak memory of a colorize run of N vs 10×N scans.
 
 Each run gets its own process and its own local Ray cluster, so neither the driver's peak
-(ru_maxrss only ever rises) nor a reused worker's carries over from the previous run. Worker
+nor a reused worker's carries over from the previous run. Worker
 peaks are the kernel's high-water marks (VmHWM) of the raylet's child processes, read every
 half second: a peak between two reads is still counted, because VmHWM never falls.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import tempfile
 import threading
 import time
@@ -133,7 +132,9 @@ def _one_run(src: str, model_url: str, images: int, queue: Any) -> None:
         MemoryRun(
             images=summary.ok,
             seconds=seconds,
-            driver_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a spawned child starts with
+            # its parent's peak (the CLI's, torch loaded), which would hide the run's own.
+            driver_peak_mib=peak_rss_mib(os.getpid()) or 0.0,
             worker_peak_mib=max(peaks, default=0.0),
             workers=len(workers.peaks),
         )
