@@ -223,7 +223,9 @@ class ManifestWriter:
         self.pending: list[dict[str, Any]] = []
         self.parts = 0
         self.last_flush = time.monotonic()
-        self.tables: list[pa.Table] = []
+        # Counts, not rows: the driver's memory must not grow with the archive.
+        self.statuses: Counter[str] = Counter()
+        self.error_types: Counter[str] = Counter()
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         self.pending.extend(rows)
@@ -242,13 +244,16 @@ class ManifestWriter:
             buffer.getvalue(),
             storage_options=self.storage_options,
         )
-        self.tables.append(table)
+        self.statuses.update(table.column("status").to_pylist())
+        failed = table.filter(pc.equal(table["status"], STATUS_FAILED))
+        self.error_types.update(failed.column("error_type").to_pylist())
         self.parts += 1
         self.pending = []
         self.last_flush = time.monotonic()
 
-    def table(self) -> pa.Table:
-        return pa.concat_tables(self.tables) if self.tables else MANIFEST_SCHEMA.empty_table()
+    @property
+    def rows(self) -> int:
+        return sum(self.statuses.values())
 
 
 def _batch_rows(batch: pa.Table) -> list[dict[str, Any]]:
@@ -339,24 +344,21 @@ def run_colorize(
             if progress:
                 progress(state)
     writer.flush()
-    manifest = writer.table()
     elapsed = time.perf_counter() - clock
-    failed = manifest.filter(pc.equal(manifest["status"], STATUS_FAILED))
     summary = RunSummary(
         run_id=run_id,
         model_id=model.model_id,
         listed=listed,
-        attempted=manifest.num_rows,
-        ok=int(pc.sum(pc.equal(manifest["status"], STATUS_OK)).as_py() or 0),
-        failed=failed.num_rows,
+        attempted=writer.rows,
+        ok=writer.statuses[STATUS_OK],
+        failed=writer.statuses[STATUS_FAILED],
         # Inputs the ledger already had get no new row (DESIGN.md); the summary counts them.
-        skipped=already_done
-        + int(pc.sum(pc.equal(manifest["status"], STATUS_SKIPPED)).as_py() or 0),
+        skipped=already_done + writer.statuses[STATUS_SKIPPED],
         elapsed_s=elapsed,
-        images_per_second=manifest.num_rows / elapsed if elapsed > 0 else 0.0,
+        images_per_second=writer.rows / elapsed if elapsed > 0 else 0.0,
         manifest_uri=writer.folder,
         summary_uri=join(config.dst, "runs", f"{run_id}.json"),
-        error_types=dict(Counter(failed.column("error_type").to_pylist()).most_common()),
+        error_types=dict(writer.error_types.most_common()),
         started_at=started_at.isoformat(timespec="seconds"),
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
