@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -109,6 +110,17 @@ def model_info(
         typer.echo(f"provenance {key}: {value}")
 
 
+def _check_precisions(precisions: list[str], known: Iterable[str]) -> None:
+    """A one-line usage error for a precision the bench does not know."""
+    names = list(known)
+    for name in precisions:
+        if name not in names:
+            raise typer.BadParameter(
+                f"unknown precision {name!r}; choose from {', '.join(names)}",
+                param_hint="'--precision'",
+            )
+
+
 @bench_app.command("forward")
 def bench_forward(
     source: Annotated[
@@ -131,12 +143,7 @@ def bench_forward(
     from pipeline.model_store import load_model
 
     precisions = precision or ["fp32", "bf16"]
-    for name in precisions:
-        if name not in PRECISIONS:
-            raise typer.BadParameter(
-                f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}",
-                param_hint="'--precision'",
-            )
+    _check_precisions(precisions, PRECISIONS)
     if threads:
         torch.set_num_threads(threads)
     generator = load_model(source).generator if source else UNetGenerator()
@@ -191,11 +198,7 @@ def bench_pipeline_command(
     from jobs.runtime import ensure_ray
     from pipeline.colorize import PRECISIONS
 
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(
-            f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}",
-            param_hint="'--precision'",
-        )
+    _check_precisions([precision], PRECISIONS)
     with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as scratch:
         model = model or _reference_model(scratch)
         if src is None:
@@ -297,12 +300,7 @@ def bench_run_command(
     if bits not in (8, 16):
         raise typer.BadParameter(f"bits must be 8 or 16, got {bits}", param_hint="'--bits'")
     precisions = precision or ["fp32", "bf16"]
-    for name in precisions:
-        if name not in PRECISIONS:
-            raise typer.BadParameter(
-                f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}",
-                param_hint="'--precision'",
-            )
+    _check_precisions(precisions, PRECISIONS)
 
     def progress(line: str) -> None:
         typer.echo(f"bench: {line}", err=True)

@@ -42,19 +42,31 @@ class _ProgressPrinter:
         )
 
 
+# Options colorize and nightly share, declared once.
+Src = Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucket/prefix).")]
+Dst = Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")]
+ModelUrl = Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")]
+Gpu = Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")]
+Actors = Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Scans per forward pass.")]
+ActorCpus = Annotated[int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")]
+MaxPixels = Annotated[
+    int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
+]
+AllowFailures = Annotated[
+    bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
+]
+
+
 def colorize_command(
-    src: Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucket/prefix).")],
-    dst: Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")],
-    gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
-    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
-    actor_cpus: Annotated[
-        int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")
-    ] = 1,
-    max_pixels: Annotated[
-        int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
-    ] = DEFAULT_MAX_PIXELS,
+    src: Src,
+    dst: Dst,
+    model: ModelUrl,
+    gpu: Gpu = False,
+    actors: Actors = 1,
+    batch_size: BatchSize = 8,
+    actor_cpus: ActorCpus = 1,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     limit: Annotated[
         int | None, typer.Option(min=0, help="Colour at most N scans (listing order).")
     ] = None,
@@ -74,9 +86,7 @@ def colorize_command(
     any_model: Annotated[
         bool, typer.Option(help="With --incremental, scans done by another model count as done.")
     ] = False,
-    allow_failures: Annotated[
-        bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
-    ] = False,
+    allow_failures: AllowFailures = False,
     flush_seconds: Annotated[
         float, typer.Option(min=0.0, hidden=True, help="Manifest flush interval (tuning).")
     ] = 30.0,
@@ -143,27 +153,21 @@ def _execute(config: ColorizeConfig, *, allow_failures: bool) -> None:
 
 
 def nightly_command(
-    src: Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucket/prefix).")],
-    dst: Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")],
-    gpu: Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")] = False,
-    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
-    actor_cpus: Annotated[
-        int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")
-    ] = 1,
-    max_pixels: Annotated[
-        int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
-    ] = DEFAULT_MAX_PIXELS,
+    src: Src,
+    dst: Dst,
+    model: ModelUrl,
+    gpu: Gpu = False,
+    actors: Actors = 1,
+    batch_size: BatchSize = 8,
+    actor_cpus: ActorCpus = 1,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     retry_failed: Annotated[
         bool, typer.Option(help="Try scans that failed in earlier runs again.")
     ] = True,
     any_model: Annotated[
         bool, typer.Option(help="Scans done by another model count as done (no re-colouring).")
     ] = False,
-    allow_failures: Annotated[
-        bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
-    ] = False,
+    allow_failures: AllowFailures = False,
 ) -> None:
     """Colour only what is new since the last run: new, changed and previously failed scans.
 
