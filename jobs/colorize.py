@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from jobs.runtime import ensure_ray
 
 if TYPE_CHECKING:
-    from pipeline.colorize import ColorizeConfig, Progress
+    from pipeline.colorize import Progress
 
 # pipeline.decode.DEFAULT_MAX_PIXELS, repeated so that `--help` need not import the pipeline
 # (Ray and torch); tests/unit/test_cli.py checks that the two agree.
@@ -92,36 +92,24 @@ def colorize_command(
     ] = 30.0,
 ) -> None:
     """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
-    from pipeline.colorize import ColorizeConfig, ColorizeError
+    # --address is the generic job option (jobs/submit.py); ensure_ray reads RAY_ADDRESS.
+    _execute(
+        allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
+        batch_size=batch_size, actor_cpus=actor_cpus, max_pixels=max_pixels, limit=limit,
+        precision=precision, png_compress_level=png_level, incremental=incremental,
+        retry_failed=retry_failed, any_model=any_model, flush_seconds=flush_seconds,
+    )  # fmt: skip
+
+
+def _execute(*, allow_failures: bool, **settings: Any) -> None:
+    """Check the settings, run, print the summary, exit 3 when inputs failed (unless allowed)."""
+    from jobs.cli import package_version
+    from pipeline.colorize import ColorizeConfig, ColorizeError, run_colorize
 
     try:
-        config = ColorizeConfig(
-            src=src,
-            dst=dst,
-            model=model,
-            gpu=gpu,
-            actors=actors,
-            batch_size=batch_size,
-            actor_cpus=actor_cpus,
-            max_pixels=max_pixels,
-            limit=limit,
-            precision=precision,
-            png_compress_level=png_level,
-            incremental=incremental,
-            retry_failed=retry_failed,
-            any_model=any_model,
-            flush_seconds=flush_seconds,
-        )
+        config = ColorizeConfig(**settings)
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
-    # --address is the generic job option (jobs/submit.py); ensure_ray reads RAY_ADDRESS.
-    _execute(config, allow_failures=allow_failures)
-
-
-def _execute(config: ColorizeConfig, *, allow_failures: bool) -> None:
-    """Run, print the summary, exit 3 when inputs failed (unless they are allowed to)."""
-    from jobs.cli import package_version
-    from pipeline.colorize import run_colorize
 
     summary = run_colorize(
         config,
@@ -174,22 +162,8 @@ def nightly_command(
     The ledger is every manifest under DST. A scan is done when it has an ok row for its current
     version (ETag or mtime) by this model; a new model re-colours everything unless --any-model.
     """
-    from pipeline.colorize import ColorizeConfig, ColorizeError
-
-    try:
-        config = ColorizeConfig(
-            src=src,
-            dst=dst,
-            model=model,
-            gpu=gpu,
-            actors=actors,
-            actor_cpus=actor_cpus,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            incremental=True,
-            retry_failed=retry_failed,
-            any_model=any_model,
-        )
-    except ColorizeError as err:
-        raise typer.BadParameter(str(err)) from err
-    _execute(config, allow_failures=allow_failures)
+    _execute(
+        allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
+        actor_cpus=actor_cpus, batch_size=batch_size, max_pixels=max_pixels, incremental=True,
+        retry_failed=retry_failed, any_model=any_model,
+    )  # fmt: skip

@@ -321,17 +321,17 @@ def test_non_http_address_runs_in_process_with_ray_address(
 
     seen: dict[str, Any] = {}
 
-    def fake_execute(config: Any, *, allow_failures: bool) -> None:
+    def fake_execute(*, allow_failures: bool, **settings: Any) -> None:
         import os
 
-        seen.update(config=config, env=os.environ.get("RAY_ADDRESS"))
+        seen.update(settings=settings, env=os.environ.get("RAY_ADDRESS"))
 
     monkeypatch.setattr(jobs.colorize, "_execute", fake_execute)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     argv = ["colorize", "s3://a/scans", str(tmp_path), "-m", "s3://a/m", "--address", "local"]
     assert main(argv) == 0
     assert seen["env"] == "local"  # what ensure_ray reads while the command runs
-    assert seen["config"].src == "s3://a/scans"
+    assert seen["settings"]["src"] == "s3://a/scans"
     import os
 
     assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379"  # restored afterwards
