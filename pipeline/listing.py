@@ -26,9 +26,31 @@ LISTING_SCHEMA = pa.schema(
         ("relative_path", pa.string()),  # under the listed root, '/'-separated
         ("source_size", pa.int64()),
         ("source_version", pa.string()),  # ETag on object stores, mtime elsewhere
+        # Why this entry cannot be read at all, known from its name alone (null for nearly
+        # every entry): the run records it as a failed row instead of losing it.
+        ("listing_error", pa.string()),
     ]
 )
 _BATCH_ROWS = 10_000
+
+
+def _printable_name(name: str) -> tuple[str, str | None]:
+    """A name Arrow can hold (UTF-8), and why it cannot be read when it is not one.
+
+    On POSIX a file name is bytes. Python hands back bytes that are not UTF-8 (Latin-1 names
+    from old Windows shares, say) as lone surrogates, which no Arrow string can carry; such a
+    name is listed with those bytes shown as ``\\xe9`` and a reason, so the scan becomes a
+    failed manifest row that says what to do instead of stopping the whole listing.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, (
+            f"file name is not valid UTF-8 ({shown}); rename the file with a UTF-8 name "
+            "to colourise it"
+        )
+    return name, None
 
 
 def _version_of(info: Mapping[str, Any]) -> str:
@@ -71,18 +93,22 @@ def iter_listing(
             # Prune hidden folders in place so walk does not descend into them.
             for name in [n for n in subfolders if n.startswith(".")]:
                 del subfolders[name]
-            relative_folder = folder.rstrip("/")[len(root) :].strip("/")
+            relative_folder, folder_error = _printable_name(
+                folder.rstrip("/")[len(root) :].strip("/")
+            )
             for name in sorted(files):
                 if name.startswith(".") or "." not in name:
                     continue
                 if "." + name.rsplit(".", 1)[1].lower() not in extensions:
                     continue
                 info = files[name]
-                relative = f"{relative_folder}/{name}" if relative_folder else name
+                shown, name_error = _printable_name(name)
+                relative = f"{relative_folder}/{shown}" if relative_folder else shown
                 rows["source_uri"].append(f"{base_uri}/{relative}")
                 rows["relative_path"].append(relative)
                 rows["source_size"].append(int(info.get("size") or 0))
                 rows["source_version"].append(_version_of(info))
+                rows["listing_error"].append(folder_error or name_error)
                 if len(rows["source_uri"]) >= batch_rows:
                     yield pa.RecordBatch.from_pydict(rows, schema=LISTING_SCHEMA)
                     rows = {key: [] for key in rows}

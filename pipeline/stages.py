@@ -106,6 +106,13 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
         "data": b"",
         "l_model": np.zeros((1, options.image_size, options.image_size), np.float32),
     }
+    if row.get("listing_error"):
+        # Known unreadable from the listing alone (a name the manifest cannot hold as it is).
+        out.update(
+            status=STATUS_FAILED, error_type="UnsupportedName", error_message=row["listing_error"]
+        )
+        out["decode_s"] = time.time() - started
+        return out
     try:
         data = read_bytes(row["source_uri"], storage_options=options.storage_options)
         if data is None:  # read_bytes raises for a missing file; this keeps type checkers sure

@@ -156,6 +156,16 @@ def portable_storage_options(
     return options or None
 
 
+def _readable(listing: pa.Table, where: str) -> pa.Table:
+    """The listing less the files known unreadable from their names alone, which are logged."""
+    unreadable = pc.is_valid(listing["listing_error"])
+    skipped = pc.sum(unreadable).as_py() or 0
+    if skipped:
+        first = listing.filter(unreadable)["listing_error"][0].as_py()
+        logger.warning("%s: skipping %d unreadable file(s), e.g. %s", where, skipped, first)
+    return listing.filter(pc.invert(unreadable))
+
+
 def split_listing(
     listing: pa.Table, *, val_fraction: float, seed: int = 0
 ) -> tuple[pa.Table, pa.Table]:
@@ -362,7 +372,7 @@ def list_training_photos(
             f"the validation fraction must be between 0 and 1, got {val_fraction:g}"
         )
     where = redact_uri(source_url)
-    listing = list_images(source_url, storage_options=storage_options)
+    listing = _readable(list_images(source_url, storage_options=storage_options), where)
     if listing.num_rows == 0:
         raise TrainingDataError(
             f"{where}: no images found (looked for "
@@ -376,7 +386,7 @@ def list_training_photos(
                 "on, one to validate), or a separate validation URL"
             )
     else:
-        val = list_images(val_url, storage_options=storage_options)
+        val = _readable(list_images(val_url, storage_options=storage_options), redact_uri(val_url))
         if val.num_rows == 0:
             raise TrainingDataError(f"{redact_uri(val_url)}: no validation images found")
         # A validation photo that is also trained on would flatter every validation metric.

@@ -219,24 +219,58 @@ def test_s3_same_run_with_wrong_then_right_credentials(
 # --- Names the listing cannot carry ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StorageError,
-    reason="pipeline/listing.py puts file names into Arrow strings, which must be UTF-8: one "
-    "non-UTF-8 name (Latin-1 from an old Windows share) refuses the whole listing",
-)
-def test_a_non_utf8_file_name_does_not_stop_the_listing(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("ray_local")
+def test_non_utf8_names_become_failed_rows_and_the_rest_is_coloured(tmp_path: Path) -> None:
+    """A Latin-1 file and folder name (an old Windows share) cannot go into the manifest as is.
+
+    Each becomes one failed row that names the problem, shown with its odd bytes escaped, and
+    the UTF-8 names beside it are coloured as usual.
+    """
     folder = tmp_path / "archive"
     folder.mkdir()
     buffer = io.BytesIO()
     Image.new("L", (8, 8), 100).save(buffer, format="PNG")
     (folder / "good.png").write_bytes(buffer.getvalue())
+    (folder / "café ok.png").write_bytes(buffer.getvalue())  # UTF-8, unusual but valid
     # b"caf\xe9.png" is "café.png" in Latin-1; Python gives it back as a surrogate escape.
-    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as handle:
+    raw_folder = os.fsencode(folder)
+    with open(os.path.join(raw_folder, b"caf\xe9.png"), "wb") as handle:
         handle.write(buffer.getvalue())
-    listed = list_images(str(folder)).column("relative_path").to_pylist()
-    assert "good.png" in listed
-    assert len(listed) == 2
+    os.mkdir(os.path.join(raw_folder, b"bo\xeete"))
+    with open(os.path.join(raw_folder, b"bo\xeete", b"scan.png"), "wb") as handle:
+        handle.write(buffer.getvalue())
+
+    listing = list_images(str(folder))
+    assert sorted(listing.column("relative_path").to_pylist()) == [
+        "bo\\xeete/scan.png", "caf\\xe9.png", "café ok.png", "good.png",
+    ]  # fmt: skip
+
+    model = tmp_path / "model"
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    save_model(generator, str(model), name="names")
+    dst = tmp_path / "out"
+    summary = run_colorize(
+        ColorizeConfig(src=str(folder), dst=str(dst), model=str(model)), software="test"
+    )
+    assert (summary.listed, summary.ok, summary.failed) == (4, 2, 2)
+    rows = {
+        row["relative_path"]: row
+        for row in pq.read_table(dst / "manifest").to_pylist()
+    }  # fmt: skip
+    assert {path: row["status"] for path, row in rows.items()} == {
+        "bo\\xeete/scan.png": "failed", "caf\\xe9.png": "failed",
+        "café ok.png": "ok", "good.png": "ok",
+    }  # fmt: skip
+    assert rows["caf\\xe9.png"]["error_type"] == "UnsupportedName"
+    assert rows["caf\\xe9.png"]["error_message"] == (
+        "file name is not valid UTF-8 (caf\\xe9.png); rename the file with a UTF-8 name to "
+        "colourise it"
+    )
+    assert rows["bo\\xeete/scan.png"]["error_message"].startswith(
+        "file name is not valid UTF-8 (bo\\xeete)"
+    )
+    assert sorted(p.name for p in (dst / "images").rglob("*.png")) == ["café ok.png", "good.png"]
 
 
 # --- The S3 server stops answering for a few seconds mid-run -----------------------------

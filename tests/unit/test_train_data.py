@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def _listing(paths: list[str]) -> pa.Table:
             "relative_path": paths,
             "source_size": [1] * len(paths),
             "source_version": [""] * len(paths),
+            "listing_error": [None] * len(paths),
         },
         schema=LISTING_SCHEMA,
     )
@@ -237,6 +240,23 @@ def test_listing_errors_name_the_location(tmp_path: Path) -> None:
         list_training_photos(str(few), min_train_images=8)
     with pytest.raises(TrainingDataError, match="between 0 and 1"):
         list_training_photos(str(few), val_fraction=1.0)
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photos = tmp_path / "photos"
+    _write_photos(photos, 4)
+    # "café.jpg" in Latin-1: listed with a reason, since no Arrow string can hold the name.
+    raw = os.fsencode(photos)
+    os.rename(os.path.join(raw, b"photo00.jpg"), os.path.join(raw, b"caf\xe9.jpg"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train_data"):
+        listing = list_training_photos(str(photos), val_fraction=0.25)
+    names = listing.train["relative_path"].to_pylist() + listing.val["relative_path"].to_pylist()
+    assert sorted(names) == ["photo01.jpg", "photo02.jpg", "photo03.jpg"]
+    assert "skipping 1 unreadable file(s), e.g. file name is not valid UTF-8 (caf\\xe9.jpg)" in (
+        caplog.text
+    )
 
 
 def test_separate_validation_folder_is_not_trained_on(tmp_path: Path) -> None:
