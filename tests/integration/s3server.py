@@ -22,7 +22,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -61,6 +62,25 @@ _REQUIRED_FLAGS = frozenset(
 
 class SeaweedS3Error(RuntimeError):
     """The SeaweedFS test server could not be found, started or reached."""
+
+
+@dataclass(frozen=True)
+class S3Identity:
+    """One more signed-request identity for a `SeaweedS3`, with its own credentials.
+
+    `actions` are SeaweedFS identity actions: ``Read``, ``Write``, ``List``, ``Tagging`` or
+    ``Admin`` for every bucket, ``Read:bucket`` for one bucket, and ``Read:bucket/prefix*``
+    for the objects whose key starts with ``prefix`` (a trailing ``*`` is a prefix match; there
+    is no deny, so an object is unreadable when no action covers it). Identities are fixed
+    when the server starts.
+    """
+
+    name: str
+    actions: tuple[str, ...]
+    # Random by default, so no two test runs share credentials; tests that look for a
+    # credential in output may plant a recognisable value instead.
+    access_key: str = field(default_factory=lambda: "chromascan-" + secrets.token_hex(6))
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30), repr=False)
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -149,6 +169,7 @@ class SeaweedS3:
         startup_timeout: float = 60.0,
         stop_grace: float = 3.0,
         start_attempts: int = 3,
+        identities: Sequence[S3Identity] = (),
     ) -> None:
         self.weed = find_weed() if weed is None else weed
         # A caller-supplied directory (e.g. from tmp_path_factory) is kept so the log can be
@@ -163,6 +184,8 @@ class SeaweedS3:
         self.start_attempts = start_attempts
         self.access_key = "chromascan-" + secrets.token_hex(6)
         self.secret_key = secrets.token_urlsafe(30)
+        # Identities beside the full-rights one above (e.g. one with a narrower scope).
+        self.identities = tuple(identities)
         self.region = REGION
         self.ports: dict[str, int] = {}
         self.startup_seconds: float | None = None
@@ -177,21 +200,36 @@ class SeaweedS3:
             raise SeaweedS3Error("SeaweedS3 is not started")
         return f"http://127.0.0.1:{self.ports['s3']}"
 
-    def storage_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``s3fs.S3FileSystem`` / ``fsspec.open(..., **options)``."""
+    def _keys(self, identity: S3Identity | None) -> tuple[str, str]:
+        if identity is None:
+            return self.access_key, self.secret_key
+        if identity not in self.identities:
+            raise SeaweedS3Error(f"identity {identity.name!r} is not configured on this server")
+        return identity.access_key, identity.secret_key
+
+    def storage_options(self, identity: S3Identity | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem`` / ``fsspec.open(..., **options)``.
+
+        Signed as `identity` when given (one of `identities`), else as the full-rights one.
+        """
+        access_key, secret_key = self._keys(identity)
         return {
-            "key": self.access_key,
-            "secret": self.secret_key,
+            "key": access_key,
+            "secret": secret_key,
             "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region},
             # Path-style URLs: virtual-host style would need DNS for <bucket>.127.0.0.1.
             "config_kwargs": {"s3": {"addressing_style": "path"}},
         }
 
-    def env(self) -> dict[str, str]:
-        """The standard AWS environment variables that point SDKs at this server."""
+    def env(self, identity: S3Identity | None = None) -> dict[str, str]:
+        """The standard AWS environment variables that point SDKs at this server.
+
+        Signed as `identity` when given (one of `identities`), else as the full-rights one.
+        """
+        access_key, secret_key = self._keys(identity)
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
             # botocore reads AWS_DEFAULT_REGION; the AWS CLI v2 and other SDKs read AWS_REGION.
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,
@@ -300,7 +338,17 @@ class SeaweedS3:
                     "name": "chromascan-tests",
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                *(
+                    {
+                        "name": identity.name,
+                        "credentials": [
+                            {"accessKey": identity.access_key, "secretKey": identity.secret_key}
+                        ],
+                        "actions": list(identity.actions),
+                    }
+                    for identity in self.identities
+                ),
             ]
         }
 

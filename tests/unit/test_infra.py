@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,119 @@ def test_manifests_agree_with_each_other() -> None:
     assert "rayjob-train.yaml" not in kustomization["resources"]  # started on demand
     for resource in kustomization["resources"]:
         assert (INFRA / "k8s" / resource).is_file()
+
+
+# --- Nothing in infra/ puts the head's ports on a network outside the cluster ---------------
+
+# Dashboard and Jobs API, GCS, Ray client. Whoever reaches 8265 can run any command with the
+# nodes' storage identity; without token auth it has no authentication at all (infra/README.md).
+HEAD_PORTS = (8265, 6379, 10001)
+# Kinds that route traffic from outside a Kubernetes cluster to a Service.
+EXPOSING_KINDS = frozenset(
+    {"Ingress", "IngressRoute", "Route", "Gateway", "HTTPRoute", "GRPCRoute", "TCPRoute"}
+)
+WORLD = frozenset({"0.0.0.0/0", "::/0"})
+
+
+def _mappings(node: Any, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every mapping inside a parsed YAML document, with its path for the failure message."""
+    if isinstance(node, dict):
+        yield where, node
+        for key, value in node.items():
+            yield from _mappings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _mappings(value, f"{where}[{index}]")
+
+
+def _k8s_exposures(document: dict[str, Any]) -> list[str]:
+    """Ways a Kubernetes document makes a port reachable from outside the cluster."""
+    found = []
+    if document.get("kind") in EXPOSING_KINDS:
+        found.append(f"{document['kind']} {document.get('metadata', {}).get('name')}")
+    for where, mapping in _mappings(document, str(document.get("kind"))):
+        # Service.spec.type, KubeRay's headGroupSpec.serviceType and headService.spec.type.
+        for key in ("type", "serviceType"):
+            if mapping.get(key) in ("LoadBalancer", "NodePort"):
+                found.append(f"{where}.{key}: {mapping[key]}")
+        # KubeRay makes an Ingress for the head itself when asked.
+        for key in ("enableIngress", "hostNetwork"):
+            if mapping.get(key) is True:
+                found.append(f"{where}.{key}: true")
+        for key in ("hostPort", "externalIPs", "loadBalancerSourceRanges"):
+            if key in mapping:
+                found.append(f"{where}.{key}")
+    return found
+
+
+def _aws_exposures(config: dict[str, Any]) -> list[str]:
+    """Security-group settings of a cluster launcher config that open a head port to anyone."""
+    found = []
+    rules = config.get("provider", {}).get("security_group", {}).get("IpPermissions", [])
+    for rule in rules:
+        ranges = {r.get("CidrIp") for r in rule.get("IpRanges", [])}
+        ranges |= {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        if not ranges & WORLD:
+            continue
+        every_port = str(rule.get("IpProtocol")) == "-1"
+        low, high = rule.get("FromPort", -1), rule.get("ToPort", -1)
+        for port in HEAD_PORTS:
+            if every_port or low <= port <= high:
+                found.append(f"provider.security_group: port {port} open to {sorted(ranges)}")
+    # Our own group replaces the launcher's default (intra-cluster traffic and SSH only); its
+    # rules live in AWS, where this test cannot see them.
+    for name, node_type in config.get("available_node_types", {}).items():
+        if "SecurityGroupIds" in node_type.get("node_config", {}):
+            found.append(f"available_node_types.{name}.node_config.SecurityGroupIds")
+    return found
+
+
+def test_the_dashboard_and_jobs_api_stay_inside_the_cluster() -> None:
+    cluster = _one("k8s/raycluster.yaml", "RayCluster")
+    # Said explicitly rather than left to KubeRay's default, and reachable by the CronJob.
+    assert cluster["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
+    k8s = sorted((INFRA / "k8s").glob("*.y*ml"))
+    assert len(k8s) >= 4
+    for path in k8s:
+        for document in yaml.safe_load_all(path.read_text()):
+            assert _k8s_exposures(document) == [], path
+    (config,) = _documents("aws/cluster.yaml")
+    assert _aws_exposures(config) == []
+
+    # The README says why, and how to reach the dashboard instead.
+    readme = (INFRA / "README.md").read_text()
+    section = readme.split("## Who can reach the cluster", 1)[1].split("\n## ", 1)[0]
+    for words in ("8265", "unauthenticated", "ClusterIP", "port-forward", "ray dashboard"):
+        assert words in section, words
+
+
+def test_an_exposed_dashboard_is_caught() -> None:
+    # The checks above must see each way of exposing the head, or they could pass by accident.
+    cluster = _one("k8s/raycluster.yaml", "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]
+    exposed = [
+        {"kind": "Ingress", "metadata": {"name": "dashboard"}, "spec": {}},
+        {"kind": "Service", "spec": {"type": "LoadBalancer", "ports": [{"port": 8265}]}},
+        {**cluster, "spec": {**cluster["spec"], "headGroupSpec": {**head,
+                                                                  "serviceType": "NodePort"}}},
+        {**cluster, "spec": {**cluster["spec"], "headGroupSpec": {**head, "enableIngress": True}}},
+        {**cluster, "spec": {**cluster["spec"], "headGroupSpec": {
+            **head, "headService": {"spec": {"type": "LoadBalancer"}}}}},
+        {"kind": "Pod", "spec": {"containers": [{"ports": [{"containerPort": 8265,
+                                                            "hostPort": 8265}]}]}},
+    ]  # fmt: skip
+    for document in exposed:
+        assert _k8s_exposures(document), document
+
+    (config,) = _documents("aws/cluster.yaml")
+    world_8265 = {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265,
+                  "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}  # fmt: skip
+    everything_v6 = {"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}
+    office_only = {**world_8265, "IpRanges": [{"CidrIp": "203.0.113.0/24"}]}
+    for rule, caught in ((world_8265, True), (everything_v6, True), (office_only, False)):
+        provider = {**config["provider"], "security_group": {"IpPermissions": [rule]}}
+        assert bool(_aws_exposures({**config, "provider": provider})) is caught, rule
+    types = {**config["available_node_types"]}
+    types["head"] = {**types["head"], "node_config": {**types["head"]["node_config"],
+                                                      "SecurityGroupIds": ["sg-0123"]}}  # fmt: skip
+    assert _aws_exposures({**config, "available_node_types": types})
