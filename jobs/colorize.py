@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 # pipeline.decode.DEFAULT_MAX_PIXELS, repeated so that `--help` need not import the pipeline
 # (Ray and torch); tests/unit/test_cli.py checks that the two agree.
 DEFAULT_MAX_PIXELS = 300_000_000
+DEFAULT_STORAGE_TIMEOUT_S = 120.0  # pipeline.storage.DEFAULT_TIMEOUT_S, checked the same way
 
 EXIT_INPUTS_FAILED = 3  # some inputs failed; the run itself completed
 
@@ -56,6 +57,14 @@ MaxPixels = Annotated[
 AllowFailures = Annotated[
     bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
 ]
+StorageTimeout = Annotated[
+    float,
+    typer.Option(
+        metavar="SECONDS",
+        help="Longest wait for one storage read or write (+1 s per MiB) before the store "
+        "counts as down and the run stops; run again to finish.",
+    ),
+]
 
 
 def colorize_command(
@@ -87,6 +96,7 @@ def colorize_command(
         bool, typer.Option(help="With --incremental, scans done by another model count as done.")
     ] = False,
     allow_failures: AllowFailures = False,
+    storage_timeout: StorageTimeout = DEFAULT_STORAGE_TIMEOUT_S,
     flush_seconds: Annotated[
         float, typer.Option(min=0.0, hidden=True, help="Manifest flush interval (tuning).")
     ] = 30.0,
@@ -98,6 +108,7 @@ def colorize_command(
         batch_size=batch_size, actor_cpus=actor_cpus, max_pixels=max_pixels, limit=limit,
         precision=precision, png_compress_level=png_level, incremental=incremental,
         retry_failed=retry_failed, any_model=any_model, flush_seconds=flush_seconds,
+        storage_timeout_s=storage_timeout,
     )  # fmt: skip
 
 
@@ -156,6 +167,7 @@ def nightly_command(
         bool, typer.Option(help="Scans done by another model count as done (no re-colouring).")
     ] = False,
     allow_failures: AllowFailures = False,
+    storage_timeout: StorageTimeout = DEFAULT_STORAGE_TIMEOUT_S,
 ) -> None:
     """Colour only what is new since the last run: new, changed and previously failed scans.
 
@@ -165,5 +177,5 @@ def nightly_command(
     _execute(
         allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
         actor_cpus=actor_cpus, batch_size=batch_size, max_pixels=max_pixels, incremental=True,
-        retry_failed=retry_failed, any_model=any_model,
+        retry_failed=retry_failed, any_model=any_model, storage_timeout_s=storage_timeout,
     )  # fmt: skip

@@ -37,7 +37,16 @@ from pipeline.stages import (
     output_relative_path,
     prepare_batch,
 )
-from pipeline.storage import join, write_bytes_atomic
+from pipeline.storage import (
+    DEFAULT_TIMEOUT_S,
+    StorageUnavailableError,
+    error_chain,
+    find_unavailable,
+    is_unavailable,
+    join,
+    portable_storage_options,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,9 @@ class ColorizeConfig:
     rows_per_block: int = 4  # inputs per prepare/finalize task: small, so work spreads
     flush_rows: int = 256  # manifest rows per Parquet part file (at most)
     flush_seconds: float = 30.0  # ... or this often, so a crash loses little
+    # The longest one read or write may go unanswered (+1 s per MiB) before the store counts
+    # as down and the run stops; a re-run finishes the rest.
+    storage_timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -90,6 +102,10 @@ class ColorizeConfig:
             )
         if not 0 <= self.png_compress_level <= 9:
             raise ColorizeError(f"PNG compression level must be 0-9, got {self.png_compress_level}")
+        if not self.storage_timeout_s > 0:
+            raise ColorizeError(
+                f"storage timeout must be more than 0 seconds, got {self.storage_timeout_s:g}"
+            )
 
 
 @dataclass
@@ -214,8 +230,10 @@ class ManifestWriter:
         storage_options: Mapping[str, Any] | None,
         flush_rows: int,
         flush_seconds: float,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.folder = join(dst, "manifest", f"run={run_id}")
+        self.timeout_s = timeout_s
         self.run_id = run_id
         self.storage_options = storage_options
         self.flush_rows = flush_rows
@@ -243,6 +261,7 @@ class ManifestWriter:
             join(self.folder, f"part-{self.parts:05d}.parquet"),
             buffer.getvalue(),
             storage_options=self.storage_options,
+            timeout_s=self.timeout_s,
         )
         self.statuses.update(table.column("status").to_pylist())
         failed = table.filter(pc.equal(table["status"], STATUS_FAILED))
@@ -319,7 +338,8 @@ def run_colorize(
         software=software,
         max_pixels=config.max_pixels,
         png_compress_level=config.png_compress_level,
-        storage_options=storage_options,
+        storage_timeout_s=config.storage_timeout_s,
+        storage_options=_worker_storage_options(config, storage_options),
     )
     writer = ManifestWriter(
         config.dst,
@@ -327,22 +347,22 @@ def run_colorize(
         storage_options=storage_options,
         flush_rows=config.flush_rows,
         flush_seconds=config.flush_seconds,
+        timeout_s=config.storage_timeout_s,
     )
     state = Progress(total=listing.num_rows, skipped=already_done)
     if listing.num_rows:
         if connect is not None:
             connect()
-        for batch in _stream(listing, config, options):
-            rows = _batch_rows(batch)
-            writer.add(rows)
-            for row in rows:
-                if row["status"] == STATUS_OK:
-                    state.ok += 1
-                else:
-                    state.failed += 1
-            state.elapsed_s = time.perf_counter() - clock
-            if progress:
-                progress(state)
+        try:
+            for batch in _stream(listing, config, options):
+                _record(_batch_rows(batch), writer, state)
+                state.elapsed_s = time.perf_counter() - clock
+                if progress:
+                    progress(state)
+        except Exception as err:
+            if not is_unavailable(err):
+                raise
+            raise _stopped_by_storage(err, writer, state) from None
     writer.flush()
     elapsed = time.perf_counter() - clock
     summary = RunSummary(
@@ -364,6 +384,69 @@ def run_colorize(
     )
     _write_run_summary(summary, config, storage_options)
     return summary
+
+
+def _record(rows: list[dict[str, Any]], writer: ManifestWriter, state: Progress) -> None:
+    writer.add(rows)
+    for row in rows:
+        if row["status"] == STATUS_OK:
+            state.ok += 1
+        else:
+            state.failed += 1
+
+
+def _worker_storage_options(
+    config: ColorizeConfig, storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """What the Ray workers use to reach the run's stores.
+
+    Workers on other nodes, or started before the driver's AWS_* environment was set, do not
+    share that environment: they get the driver's S3 endpoint, region and static credentials
+    inside the task payloads (as training's workers do), never in a log or file.
+    """
+    if storage_options is not None:
+        return dict(storage_options)
+    s3_url = next(
+        (url for url in (config.src, config.dst, config.model) if url.startswith("s3")), None
+    )
+    return portable_storage_options(s3_url) if s3_url else None
+
+
+def _stopped_by_storage(
+    error: BaseException, writer: ManifestWriter, state: Progress
+) -> StorageUnavailableError:
+    """The one-line error for a run the store stopped answering; keeps what finished.
+
+    Every row that arrived is flushed if the manifest's store still takes it; if not, those
+    inputs simply count as not done, and the next run colours them again.
+    """
+    unrecorded = 0
+    try:
+        writer.flush()
+    except StorageUnavailableError:
+        unrecorded = len(writer.pending)
+    kept = (
+        f"{state.done - unrecorded} finished and recorded ({unrecorded} finished but could not "
+        "be recorded and will be done again)"
+        if unrecorded
+        else "what finished is recorded"
+    )
+    return StorageUnavailableError(
+        f"the run stopped after {state.done} of {state.total} inputs: {_storage_cause(error)}; "
+        f"{kept}. Run the same command again once the store answers to do the rest"
+    )
+
+
+def _storage_cause(error: BaseException) -> str:
+    """The storage error's own message, without the Ray task traceback wrapped around it."""
+    for current in error_chain(error):
+        # A Ray-made subclass of the task's error would carry the task's whole traceback.
+        if type(current) is StorageUnavailableError:
+            return str(current)
+    found = find_unavailable(error) or error
+    return f"{type(found).__name__}: {str(found).splitlines()[0] if str(found) else ''}".rstrip(
+        ": "
+    )
 
 
 def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) -> Any:
@@ -422,4 +505,7 @@ def _write_run_summary(
         "versions": {"ray": ray.__version__},
     }
     data = (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode()
-    write_bytes_atomic(summary.summary_uri, data, storage_options=storage_options)
+    write_bytes_atomic(
+        summary.summary_uri, data, storage_options=storage_options,
+        timeout_s=config.storage_timeout_s,
+    )  # fmt: skip

@@ -31,7 +31,14 @@ from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipeline.model_store import load_model
 from pipeline.provenance import Provenance, encode_png, redact_uri
 from pipeline.schema import STATUS_FAILED, STATUS_OK
-from pipeline.storage import StorageError, join, read_bytes, write_bytes_atomic
+from pipeline.storage import (
+    DEFAULT_TIMEOUT_S,
+    StorageError,
+    StorageUnavailableError,
+    join,
+    read_bytes,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,8 @@ logger = logging.getLogger(__name__)
 # to well under 1% while costing nothing next to the PNG encode of a 60 MP scan.
 _COLORFULNESS_SAMPLE_PIXELS = 1_000_000
 # Errors a storage read or write of one input can raise; each becomes that input's failed row.
+# StorageUnavailableError is not one of them: a store that does not answer is no fault of
+# the input, and the run stops on it (re-raised first) instead of failing every input left.
 _IO_ERRORS = (StorageError, OSError)
 
 
@@ -55,6 +64,7 @@ class StageOptions:
     software: str
     max_pixels: int = DEFAULT_MAX_PIXELS
     png_compress_level: int = 1
+    storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per read/write, +1 s per MiB
     # Credentials for S3-compatible stores when not in the workers' environment; never
     # written to the manifest, the run summary or a log line.
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
@@ -114,7 +124,12 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
         out["decode_s"] = time.time() - started
         return out
     try:
-        data = read_bytes(row["source_uri"], storage_options=options.storage_options)
+        data = read_bytes(
+            row["source_uri"],
+            storage_options=options.storage_options,
+            timeout_s=options.storage_timeout_s,
+            size_hint=int(row.get("source_size") or 0),
+        )
         if data is None:  # read_bytes raises for a missing file; this keeps type checkers sure
             raise FileNotFoundError(row["source_uri"])
         out["source_sha256"] = hashlib.sha256(data).hexdigest()
@@ -134,6 +149,8 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
             image_to_lightness(decoded.pixels), options.image_size
         )
         out["data"] = data
+    except StorageUnavailableError:
+        raise
     except DecodeError as err:
         out.update(_error_fields(err))
     except FileNotFoundError as err:
@@ -307,7 +324,12 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 dpi=decoded.dpi,
                 compress_level=options.png_compress_level,
             )
-            write_bytes_atomic(output_uri, png, storage_options=options.storage_options)
+            write_bytes_atomic(
+                output_uri,
+                png,
+                storage_options=options.storage_options,
+                timeout_s=options.storage_timeout_s,
+            )
             result.update(
                 output_uri=redact_uri(output_uri),
                 output_sha256=hashlib.sha256(png).hexdigest(),
@@ -316,6 +338,8 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 output_width=rgb.shape[1],
                 colorfulness=colorfulness(_sampled(rgb)),
             )
+        except StorageUnavailableError:
+            raise
         except DecodeError as err:
             result.update(_error_fields(err))
         except MemoryError as err:

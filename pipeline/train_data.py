@@ -30,7 +30,6 @@ import hashlib
 import heapq
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from models.metrics import colorfulness
 from pipeline.decode import DecodeError, decode_image
 from pipeline.listing import IMAGE_EXTENSIONS, list_images
 from pipeline.provenance import redact_uri
-from pipeline.storage import StorageError, filesystem, read_bytes
+from pipeline.storage import StorageError, portable_storage_options, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -128,32 +127,6 @@ class TrainingData:
 def load_size_for(image_size: int) -> int:
     """The side photos are resized to before the random crop: 286 for 256, in proportion."""
     return round(image_size * LOAD_SIZE_RATIO)
-
-
-def portable_storage_options(
-    url: str, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """Storage options that reach ``url``'s store, with the same identity, from any Ray node.
-
-    Explicit options are returned as they are. Otherwise, for S3, the endpoint and region that
-    pipeline.storage derives from this process's environment, plus its static credentials
-    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) when set: Ray workers on
-    other nodes, or started before those variables were, do not share the driver's
-    environment. Without static credentials the workers use their own chain (instance roles).
-    The result travels inside Ray task payloads only; callers must never log or record it.
-    """
-    if storage_options is not None:
-        return dict(storage_options)
-    fs, _ = filesystem(url)
-    options = dict(getattr(fs, "storage_options", {}) or {})
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if {"s3", "s3a"} & set(protocols) and key and secret and "key" not in options:
-        options.update(key=key, secret=secret)
-        token = os.environ.get("AWS_SESSION_TOKEN")
-        if token:
-            options["token"] = token
-    return options or None
 
 
 def _readable(listing: pa.Table, where: str) -> pa.Table:

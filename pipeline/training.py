@@ -66,11 +66,10 @@ from models.metrics import colorfulness_batch, psnr_batch
 from models.networks import PatchDiscriminator, UNetGenerator, init_weights
 from pipeline.model_store import save_model
 from pipeline.stages import cpu_has_native_bf16
-from pipeline.storage import filesystem, join, write_bytes_atomic
+from pipeline.storage import filesystem, join, portable_storage_options, write_bytes_atomic
 from pipeline.train_data import (
     TrainingConfigError,
     TrainingData,
-    portable_storage_options,
     random_crop_flip,
     rgb_to_unit,
     to_model_lab,

@@ -25,7 +25,7 @@ from models.networks import UNetGenerator, init_weights
 from pipeline.colorize import ColorizeConfig, Progress, run_colorize
 from pipeline.listing import list_images
 from pipeline.model_store import save_model
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, StorageUnavailableError
 
 NOT_AN_ARTIFACT = (
     "{path}/model.json: missing; a model artifact needs both model.json and model.safetensors"
@@ -114,6 +114,9 @@ CLI_CASES: list[tuple[list[str], int, str]] = [
     (["train", "{scans}", "-o", "{tmp}/out", "--frobnicate"], 2,
      "No such option: --frobnicate " + _USAGE),
     (["model", "info", "{model}", "--frobnicate"], 2, "No such option: --frobnicate " + _USAGE),
+    (["nightly", "{scans}", "{tmp}/out", "-m", "{model}", "--storage-timeout", "0"], 2,
+     "Invalid value: storage timeout must be more than 0 seconds, got 0 "
+     "(see 'chromascan nightly --help')"),
 ]  # fmt: skip
 
 
@@ -327,6 +330,72 @@ def test_s3_server_paused_mid_run_the_run_completes(
         os.killpg(s3_server.pid, signal.SIGCONT)
     assert done_when_paused[0] < 12  # the pause fell inside the run, not after it
     assert (summary.listed, summary.ok, summary.failed) == (12, 12, 0)
+    fs.invalidate_cache()
+    frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
+    assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]
+    assert set(frame["status"]) == {"ok"}
+    outputs = fs.find(f"{s3_bucket}/out/images")
+    assert sorted(outputs) == [f"{s3_bucket}/out/images/scan{i:02d}.png" for i in range(12)]
+
+
+# --- The S3 server stays down past the retry budget ---------------------------------------
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_s3_down_past_the_budget_stops_the_run_and_a_rerun_finishes(
+    s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """SeaweedFS frozen (SIGSTOP) for good once the first results are in, with a 3 s budget.
+
+    The run must stop with one message that says what happened and what to do, not record
+    every remaining scan as failed; once the server answers again the same run, re-run,
+    colours the rest: in the end one ok row and one output per scan, nothing twice.
+    """
+    options = s3_server.storage_options()
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for index in range(12):
+        buffer = io.BytesIO()
+        Image.new("L", (48, 32), 10 + 20 * index).save(buffer, format="PNG")
+        fs.pipe_file(f"{s3_bucket}/scans/scan{index:02d}.png", buffer.getvalue())
+    model = tmp_path / "model"
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    save_model(generator, str(model), name="down")
+    bucket = f"s3://{s3_bucket}"
+    config = ColorizeConfig(
+        src=f"{bucket}/scans", dst=f"{bucket}/out", model=str(model), batch_size=1,
+        rows_per_block=1, flush_rows=1, storage_timeout_s=3.0,
+    )  # fmt: skip
+    stopped: list[int] = []
+
+    def stop_once(state: Progress) -> None:
+        if not stopped:
+            stopped.append(state.done)
+            os.killpg(s3_server.pid, signal.SIGSTOP)
+
+    try:
+        with pytest.raises(StorageUnavailableError) as down:
+            run_colorize(
+                config, software="chromascan test", storage_options=options, progress=stop_once
+            )
+    finally:
+        # The server is shared by the whole session: it must never stay frozen.
+        os.killpg(s3_server.pid, signal.SIGCONT)
+    message = str(down.value)
+    assert "\n" not in message
+    assert message.startswith(f"the run stopped after {stopped[0]} of 12 inputs: {bucket}/")
+    assert "the store is not answering" in message
+    assert message.endswith("Run the same command again once the store answers to do the rest")
+    fs.invalidate_cache()
+    first = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
+    # Stopped, not failed: no scan was blamed for the outage.
+    assert set(first["status"]) <= {"ok"}
+    assert len(first) < 12
+
+    summary = run_colorize(config, software="chromascan test", storage_options=options)
+    assert summary.listed == 12
+    assert summary.skipped == len(first)
+    assert (summary.ok, summary.failed) == (12 - len(first), 0)
     fs.invalidate_cache()
     frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
     assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]

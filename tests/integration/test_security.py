@@ -39,7 +39,6 @@ import s3fs
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from ray.exceptions import RayTaskError
 from skimage import data
 
 from jobs.cli import main
@@ -360,7 +359,8 @@ def _run_everything(
                      *TINY_TRAIN))  # fmt: skip
     assert runs[-1].code == 0, runs[-1].err
     # 2. Colour the scans with it, S3 to S3; the torn scan fails, the run goes on. In its own
-    # process and Ray, as on a user's machine (see the xfail test below for why not here).
+    # process and Ray, as on a user's machine, so that Ray's logs of a whole colorize run
+    # are searched too.
     runs.append(_cli_process(ray_tmp, "colorize", f"{bucket}/scans", f"{bucket}/out", "-m",
                              model, "--batch-size", "2", "--allow-failures"))  # fmt: skip
     assert runs[-1].code == 0, runs[-1].err
@@ -471,15 +471,6 @@ def test_planted_credentials_appear_nowhere_after_train_colorize_nightly(
     assert found == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RayTaskError,
-    reason="colorize/nightly pass no credentials to their Ray workers (train does, through "
-    "pipeline.train_data.portable_storage_options): on a cluster whose workers did not start "
-    "with the driver's AWS_* environment (another node, or started before it was set) every "
-    "S3 read fails with botocore's NoCredentialsError, which is no OSError, so the run stops "
-    "with a Ray traceback instead of colouring or failing rows",
-)
 @pytest.mark.usefixtures("planted_env", "ray_local")
 def test_colorize_on_a_running_cluster_reaches_s3_with_the_drivers_credentials(
     secure_s3: SeaweedS3, capsys: pytest.CaptureFixture[str]

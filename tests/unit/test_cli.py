@@ -151,6 +151,15 @@ def test_cli_default_pixel_limit_matches_the_decoder() -> None:
     assert CLI_DEFAULT == DEFAULT_MAX_PIXELS
 
 
+def test_cli_default_storage_timeout_matches_the_storage_layer() -> None:
+    from jobs.colorize import DEFAULT_STORAGE_TIMEOUT_S
+    from pipeline.colorize import ColorizeConfig
+    from pipeline.storage import DEFAULT_TIMEOUT_S
+
+    assert DEFAULT_STORAGE_TIMEOUT_S == DEFAULT_TIMEOUT_S
+    assert ColorizeConfig(src="a", dst="b", model="c").storage_timeout_s == DEFAULT_TIMEOUT_S
+
+
 def test_bare_command_prints_help_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     assert capsys.readouterr().out.count("Usage:") == 1

@@ -17,7 +17,7 @@ from skimage import color, data
 from models.colour import AB_SCALE, L_SCALE
 from pipeline.decode import DecodeError
 from pipeline.listing import LISTING_SCHEMA
-from pipeline.storage import StorageError
+from pipeline.storage import StorageError, portable_storage_options
 from pipeline.train_data import (
     STATUS_FAILED,
     STATUS_GREY,
@@ -26,7 +26,6 @@ from pipeline.train_data import (
     TrainingDataError,
     list_training_photos,
     load_size_for,
-    portable_storage_options,
     prepare_training_photo,
     random_crop_flip,
     read_and_prepare_batch,
