@@ -21,7 +21,9 @@ from torch.nn import functional as F
 from models.colour import (
     denormalize_ab,
     grey_to_lightness,
+    lab_to_linear_rgb_keep_lightness,
     lab_to_rgb_keep_lightness,
+    linear_to_srgb8,
     normalize_l,
     rgb_to_lightness,
 )
@@ -190,6 +192,10 @@ def merge_full_resolution(
         w = torch.from_numpy(weight[rows]).view(1, -1, 1)
         ab_rows = ab_wide[:, row0[rows]] * (1.0 - w) + ab_wide[:, row1[rows]] * w  # (2, h, W)
         lab = torch.cat((torch.from_numpy(lightness[rows])[None], ab_rows), dim=0)
+        if out_dtype == np.uint8:  # the usual output: a table lookup, not a power curve
+            linear = lab_to_linear_rgb_keep_lightness(lab).permute(1, 2, 0)  # (h, W, 3)
+            output[rows] = linear_to_srgb8(linear)
+            continue
         rgb = lab_to_rgb_keep_lightness(lab).permute(1, 2, 0).numpy()  # (h, W, 3) in [0, 1]
         output[rows] = rgb if peak == 0.0 else np.rint(rgb * peak)
     return output

@@ -116,10 +116,10 @@ def test_strip_merge_equals_one_whole_interpolation() -> None:
     whole = lab_to_rgb_keep_lightness(lab_full).permute(1, 2, 0)
     # Float rounding of the two interpolation orders differs by ~1e-5 (0.003 of an 8-bit level);
     # at the gamut's edge that can flip a pixel into the chroma bisection, which is exact to
-    # 2**-8 of the chroma.
+    # 2**-8 of the chroma: for these chromas (up to 85) that moves a channel by up to ~0.02.
     difference = np.abs(stripped - whole.numpy())
     assert np.mean(difference < 1e-4) > 0.999
-    assert difference.max() < 0.01
+    assert difference.max() < 0.02
     one_strip = merge_full_resolution(lightness, ab, dtype=np.float32, strip_rows=10_000)
     np.testing.assert_allclose(stripped, one_strip, atol=1e-6)
 
