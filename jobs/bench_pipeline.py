@@ -8,6 +8,7 @@ on a shared machine falls on both.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.colorize import ColorizeConfig, run_colorize, with_output_paths
+from pipeline.colorize import ColorizeConfig, Progress, run_colorize, with_output_paths
 from pipeline.listing import list_images
 from pipeline.model_store import load_model
 from pipeline.stages import Colorizer, StageOptions, finalize_one, prepare_one
@@ -25,14 +26,31 @@ from pipeline.stages import Colorizer, StageOptions, finalize_one, prepare_one
 class PipelineBench:
     images: int
     plain_images_per_s: list[float]
-    ray_images_per_s: list[float]
-    forward_images_per_s: float  # the model alone, same batch size and precision
+    ray_images_per_s: list[float]  # whole run: listing, actor start-up and the last block
+    # From the first arriving block to the last: the rate a long run settles at, without the
+    # fixed start-up (Ray Data planning, actor processes importing torch, the model load).
+    ray_steady_images_per_s: list[float]
+    # The model alone, same batch size and precision: with the pipeline's actor threads, and
+    # with every core (as the plain loop runs it).
+    forward_images_per_s: float
+    forward_all_cores_images_per_s: float
+    actor_cpus: int
     precision: str
 
     @property
     def ratio(self) -> float:
         """Ray over plain, medians of the rounds."""
         return float(np.median(self.ray_images_per_s) / np.median(self.plain_images_per_s))
+
+    @property
+    def steady_ratio(self) -> float:
+        """Ray's settled rate over plain, medians of the rounds."""
+        return float(np.median(self.ray_steady_images_per_s) / np.median(self.plain_images_per_s))
+
+    @property
+    def of_model(self) -> float:
+        """Ray's settled rate over the model alone with the actor's threads."""
+        return float(np.median(self.ray_steady_images_per_s) / self.forward_images_per_s)
 
 
 def plain_loop(src: str, dst: str, model_url: str, *, batch_size: int, precision: str,
@@ -54,16 +72,28 @@ def plain_loop(src: str, dst: str, model_url: str, *, batch_size: int, precision
     return len(rows)
 
 
-def forward_rate(model_url: str, *, batch_size: int, precision: str, repeats: int = 5) -> float:
+def forward_rate(
+    model_url: str, *, batch_size: int, precision: str, repeats: int = 5,
+    threads: int | None = None,
+) -> float:  # fmt: skip
+    """Images/s of Colorizer.predict alone; ``threads`` None keeps torch's setting as it is."""
+    import torch
+
     model = load_model(model_url)
-    colorizer = Colorizer(model_url=model_url, expected_sha256=model.sha256, precision=precision)
+    before = torch.get_num_threads()
+    colorizer = Colorizer(
+        model_url=model_url, expected_sha256=model.sha256, precision=precision, threads=threads
+    )
     size = model.config.image_size
     batch = np.random.default_rng(0).uniform(-1, 1, (batch_size, 1, size, size)).astype(np.float32)
-    colorizer.predict(batch)  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        colorizer.predict(batch)
-    return batch_size * repeats / (time.perf_counter() - started)
+    try:
+        colorizer.predict(batch)  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            colorizer.predict(batch)
+        return batch_size * repeats / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)  # the Colorizer sets the process-wide thread count
 
 
 def bench_pipeline(
@@ -73,6 +103,7 @@ def bench_pipeline(
     images = len(list_images(src))
     plain: list[float] = []
     ray_rates: list[float] = []
+    steady: list[float] = []
     scratch = tempfile.mkdtemp(prefix="chromascan-bench-")
     try:
         for round_index in range(rounds):
@@ -83,14 +114,17 @@ def bench_pipeline(
             plain.append(images / (time.perf_counter() - started))
             shutil.rmtree(dst, ignore_errors=True)
             dst = f"{scratch}/ray-{round_index}"
+            arrivals: list[tuple[float, int]] = []
             started = time.perf_counter()
             run_colorize(
                 ColorizeConfig(src=src, dst=dst, model=model_url, batch_size=batch_size,
                                precision=precision, actors=actors,
                                actor_cpus=actor_cpus),
                 software=software,
+                progress=functools.partial(_note_arrival, arrivals),
             )  # fmt: skip
             ray_rates.append(images / (time.perf_counter() - started))
+            steady.append(_steady_rate(arrivals))
             shutil.rmtree(dst, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -98,9 +132,28 @@ def bench_pipeline(
         images=images,
         plain_images_per_s=plain,
         ray_images_per_s=ray_rates,
-        forward_images_per_s=forward_rate(model_url, batch_size=batch_size, precision=precision),
+        ray_steady_images_per_s=steady,
+        forward_images_per_s=forward_rate(
+            model_url, batch_size=batch_size, precision=precision, threads=actor_cpus
+        ),
+        forward_all_cores_images_per_s=forward_rate(
+            model_url, batch_size=batch_size, precision=precision
+        ),
+        actor_cpus=actor_cpus,
         precision=precision,
     )
+
+
+def _note_arrival(arrivals: list[tuple[float, int]], state: Progress) -> None:
+    arrivals.append((time.perf_counter(), state.done))
+
+
+def _steady_rate(arrivals: list[tuple[float, int]]) -> float:
+    """Images/s from the first arriving block to the last (0 when only one block arrived)."""
+    if len(arrivals) < 2 or arrivals[-1][0] <= arrivals[0][0]:
+        return 0.0
+    (first_time, first_done), (last_time, last_done) = arrivals[0], arrivals[-1]
+    return (last_done - first_done) / (last_time - first_time)
 
 
 @dataclass(frozen=True)

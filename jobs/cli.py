@@ -187,6 +187,9 @@ def bench_pipeline_command(
     rounds: Annotated[int, typer.Option(min=1, help="Alternating plain/Ray rounds.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    actor_cpus: Annotated[
+        int, typer.Option(min=1, help="CPUs (threads) of the pipeline's colorizer actor.")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Ray pipeline vs a plain loop over the same functions, and the model alone."""
@@ -208,16 +211,33 @@ def bench_pipeline_command(
         ensure_ray()
         result = bench_pipeline(
             src, model, rounds=rounds, batch_size=batch_size, precision=precision,
-            software=f"chromascan {package_version()}",
+            software=f"chromascan {package_version()}", actor_cpus=actor_cpus,
         )  # fmt: skip
     if as_json:
-        typer.echo(json.dumps({**dataclasses.asdict(result), "ratio": result.ratio}, indent=2))
+        figures = {
+            **dataclasses.asdict(result),
+            "ratio": result.ratio,
+            "steady_ratio": result.steady_ratio,
+            "of_model": result.of_model,
+        }
+        typer.echo(json.dumps(figures, indent=2))
         return
+
+    def rates(values: list[float]) -> str:
+        return ", ".join(f"{value:.2f}" for value in values)
+
     typer.echo(f"{result.images} scans, batch {batch_size}, precision {precision}")
-    typer.echo(f"plain loop   {', '.join(f'{r:.2f}' for r in result.plain_images_per_s)} images/s")
-    typer.echo(f"ray pipeline {', '.join(f'{r:.2f}' for r in result.ray_images_per_s)} images/s")
-    typer.echo(f"model alone  {result.forward_images_per_s:.2f} images/s")
-    typer.echo(f"ray / plain  {result.ratio:.2f}×")
+    typer.echo(f"plain loop             {rates(result.plain_images_per_s)} images/s")
+    typer.echo(f"ray pipeline, whole    {rates(result.ray_images_per_s)} images/s")
+    typer.echo(f"ray pipeline, settled  {rates(result.ray_steady_images_per_s)} images/s")
+    typer.echo(
+        f"model alone            {result.forward_images_per_s:.2f} images/s with "
+        f"{actor_cpus} thread(s), {result.forward_all_cores_images_per_s:.2f} with all cores"
+    )
+    typer.echo(
+        f"ray / plain            {result.ratio:.2f}× whole run, {result.steady_ratio:.2f}× settled"
+    )
+    typer.echo(f"settled / model alone  {result.of_model:.2f}× (same threads)")
 
 
 @bench_app.command("nightly")

@@ -54,6 +54,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
@@ -843,7 +844,13 @@ def _start_progress_pump(
     """A Ray queue the workers write to and a thread that hands its events to on_progress."""
     if on_progress is None:
         return None, lambda: None
-    events = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, as Ray Train places its controller: the queue then shares the
+    # driver's fate. Left to the scheduler it may land on a worker node, and when that node is
+    # lost the pump thread dies and the driver hears nothing more, though training goes on.
+    on_driver_node = NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False
+    )
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": on_driver_node})
     done = threading.Event()
 
     def pump() -> None:

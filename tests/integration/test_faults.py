@@ -285,12 +285,6 @@ def test_a_training_node_lost_mid_epoch_restarts_from_the_latest_checkpoint(
         assert observed["events"][-1] == "epoch"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/training.py leaves the progress queue's placement to the scheduler: on a "
-    "worker node it dies with that node, the driver's progress thread dies with it, and the CLI "
-    "says nothing more of a run that goes on (fix: pin it to the driver's node)",
-)
 def test_the_progress_queue_lives_on_the_driver_node(
     train_run: tuple[dict[str, Any], Path],
 ) -> None:
