@@ -17,6 +17,7 @@ import s3fs
 import torch
 from PIL import Image, ImageOps
 
+import pipeline.colorize
 from jobs.cli import main
 from models.colorize import image_to_lightness
 from models.colour import lightness_to_grey
@@ -210,6 +211,41 @@ def test_local_folder_to_local_folder(
         f"from read_parquet('{dst}/manifest/*/*.parquet', hive_partitioning = true)"
     ).fetchall()[0]
     assert count == (len(entries), good)
+
+
+def test_a_run_larger_than_one_execution_colours_each_input_once(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """11 scans, 4 per Ray Data execution (3 executions, the last one short), 2 per block."""
+    executions: list[int] = []
+    real_stream = pipeline.colorize._stream
+
+    def counted_stream(listing: Any, *args: Any) -> Any:
+        executions.append(listing.num_rows)
+        return real_stream(listing, *args)
+
+    monkeypatch.setattr(pipeline.colorize, "_stream", counted_stream)
+    src = tmp_path / "scans"
+    src.mkdir()
+    for index in range(11):
+        Image.new("L", (40, 30), 20 * index).save(src / f"s{index:02d}.png")
+    dst = tmp_path / "out"
+    seen: list[int] = []
+    summary = run_colorize(
+        ColorizeConfig(src=str(src), dst=str(dst), model=str(model_dir), batch_size=2,
+                       rows_per_block=2, rows_per_execution=4),
+        software="chromascan test",
+        progress=lambda state: seen.append(state.done),
+    )  # fmt: skip
+    assert (summary.listed, summary.ok, summary.failed) == (11, 11, 0)
+    assert executions == [4, 4, 3]
+    assert seen == sorted(seen)  # one count across the executions
+    assert seen[-1] == 11
+    frame = pq.read_table(dst / "manifest").to_pandas()
+    assert sorted(frame["relative_path"]) == [f"s{index:02d}.png" for index in range(11)]
+    assert sorted(p.name for p in (dst / "images").iterdir()) == [
+        f"s{index:02d}.png" for index in range(11)
+    ]
 
 
 def test_s3_bucket_to_s3_bucket(
