@@ -39,13 +39,12 @@ def s3_bucket(s3_server: SeaweedS3, request: pytest.FixtureRequest) -> str:
     return s3_server.make_bucket(f"t-{slug}-{uuid.uuid4().hex[:8]}")
 
 
-@pytest.fixture
-def s3_env(
-    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[dict[str, str]]:
-    """Point the standard AWS environment at the test server, and only at it.
+def isolated_aws_env(
+    server_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> dict[str, str]:
+    """Set the standard AWS environment to ``server_env`` and nothing of the host's.
 
-    Yields the variables it set, e.g. to hand on to subprocesses or Ray runtime_env.
+    Returns the variables it set, e.g. to hand on to subprocesses or Ray runtime_env.
     """
     # Host settings must not leak in: a profile, session token, CA bundle or a
     # service-specific AWS_ENDPOINT_URL_S3 (which beats AWS_ENDPOINT_URL) would change where
@@ -54,7 +53,7 @@ def s3_env(
         if key.startswith(("AWS_", "FSSPEC_")):
             monkeypatch.delenv(key)
     env = {
-        **s3_server.env(),
+        **server_env,
         # Files that do not exist: ~/.aws/config and ~/.aws/credentials are ignored.
         "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
@@ -68,7 +67,15 @@ def s3_env(
     # would be merged into every S3FileSystem() made in this process.
     monkeypatch.setattr(fsspec.config, "conf", {})
     # fsspec hands back cached S3FileSystem instances for equal arguments, and S3FileSystem()
-    # with no arguments may already exist with credentials from before this fixture ran.
+    # with no arguments may already exist with credentials from before this was called.
     s3fs.S3FileSystem.clear_instance_cache()
-    yield env
+    return env
+
+
+@pytest.fixture
+def s3_env(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    """Point the standard AWS environment at the test server, and only at it."""
+    yield isolated_aws_env(s3_server.env(), monkeypatch, tmp_path)
     s3fs.S3FileSystem.clear_instance_cache()

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -31,6 +30,8 @@ from typing import Any
 
 import ray
 from ray.cluster_utils import Cluster
+
+from tests.integration.checkpoints import registered_checkpoints, wait_for_checkpoint
 
 LOOPBACK = "127.0.0.1"
 # Logical CPUs per worker node: a colorizer actor (1 CPU), a finalize task (1 CPU) and
@@ -114,18 +115,7 @@ def colorizer_actors(cluster: Cluster) -> list[dict[str, Any]]:
 
     The state API (ray.util.state) needs the dashboard, which these clusters do not run.
     """
-    table = cluster.global_state.actor_table(None)
-    return [
-        {
-            "actor_id": info["ActorID"],
-            "node_id": info["Address"]["NodeID"],
-            "state": info["State"],
-            "restarts": info["NumRestarts"],
-            "class_name": info["ActorClassName"],
-        }
-        for info in table.values()
-        if COLORIZER_ACTOR in info["ActorClassName"]
-    ]
+    return actors_by_class(cluster, COLORIZER_ACTOR)
 
 
 def _wait_for_alive_nodes(count: int, timeout: float = 30.0) -> None:
@@ -188,25 +178,6 @@ def colorize_scenario(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- Scenario: a training worker's node dies mid-epoch -------------------------------------
-
-
-def _wait_for_checkpoint(run_dir: Path, name: str, *, timeout: float = 240.0) -> None:
-    """Until Ray Train has registered checkpoint ``name`` (its snapshot names it)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if name in snapshot.read_text():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"no {name} registered under {run_dir} after {timeout} s")
-
-
-def _registered_checkpoints(run_dir: Path) -> list[str]:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    return sorted(set(re.findall(r"epoch_\d{5}", snapshot.read_text())))
 
 
 def actors_by_class(cluster: Cluster, fragment: str) -> list[dict[str, Any]]:
@@ -290,7 +261,7 @@ def train_scenario(args: argparse.Namespace) -> dict[str, Any]:
         # signal handlers) only works on the main thread.
         trainer = threading.Thread(target=train, daemon=True)
         trainer.start()
-        _wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
+        wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
         workers = [a for a in actors_by_class(cluster, "RayTrainWorker") if a["state"] == "ALIVE"]
         hosts = sorted({a["node_id"] for a in workers if a["node_id"] in worker_by_id})
         if not hosts or not trainer.is_alive():
@@ -304,7 +275,7 @@ def train_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 "workers": workers,
                 # Registered checkpoints are the ones a restart may resume from; a folder
                 # can exist before its checkpoint is complete and registered.
-                "registered": _registered_checkpoints(output / RUN_FOLDER),
+                "registered": registered_checkpoints(output / RUN_FOLDER),
                 "folders": sorted(p.name for p in (output / RUN_FOLDER).glob("epoch_*")),
                 "progress_queue": queue,
             }

@@ -276,6 +276,31 @@ def test_non_utf8_names_become_failed_rows_and_the_rest_is_coloured(tmp_path: Pa
     assert sorted(p.name for p in (dst / "images").rglob("*.png")) == ["café ok.png", "good.png"]
 
 
+def _twelve_scans_and_a_model(
+    s3_server: Any, s3_bucket: str, model: Path
+) -> tuple[dict[str, Any], s3fs.S3FileSystem, Path]:
+    """12 small grey PNGs under s3_bucket/scans, and a tiny model in a local folder."""
+    options = s3_server.storage_options()
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    for index in range(12):
+        buffer = io.BytesIO()
+        Image.new("L", (48, 32), 10 + 20 * index).save(buffer, format="PNG")
+        fs.pipe_file(f"{s3_bucket}/scans/scan{index:02d}.png", buffer.getvalue())
+    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
+    init_weights(generator)
+    save_model(generator, str(model), name="tiny")
+    return options, fs, model
+
+
+def _assert_one_ok_row_and_output_per_scan(fs: s3fs.S3FileSystem, s3_bucket: str) -> None:
+    fs.invalidate_cache()
+    frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
+    assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]
+    assert set(frame["status"]) == {"ok"}
+    outputs = fs.find(f"{s3_bucket}/out/images")
+    assert sorted(outputs) == [f"{s3_bucket}/out/images/scan{i:02d}.png" for i in range(12)]
+
+
 # --- The S3 server stops answering for a few seconds mid-run -----------------------------
 
 
@@ -290,16 +315,7 @@ def test_s3_server_paused_mid_run_the_run_completes(
     SeaweedS3 restarts on new ports and a new data folder, so a stop-and-restart on the same
     endpoint is not what this test can do.
     """
-    options = s3_server.storage_options()
-    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-    for index in range(12):
-        buffer = io.BytesIO()
-        Image.new("L", (48, 32), 10 + 20 * index).save(buffer, format="PNG")
-        fs.pipe_file(f"{s3_bucket}/scans/scan{index:02d}.png", buffer.getvalue())
-    model = tmp_path / "model"
-    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
-    init_weights(generator)
-    save_model(generator, str(model), name="paused")
+    options, fs, model = _twelve_scans_and_a_model(s3_server, s3_bucket, tmp_path / "model")
     bucket = f"s3://{s3_bucket}"
     # One input per block and a manifest part per block: the driver keeps writing to the
     # server while it is frozen, not only the workers.
@@ -330,12 +346,7 @@ def test_s3_server_paused_mid_run_the_run_completes(
         os.killpg(s3_server.pid, signal.SIGCONT)
     assert done_when_paused[0] < 12  # the pause fell inside the run, not after it
     assert (summary.listed, summary.ok, summary.failed) == (12, 12, 0)
-    fs.invalidate_cache()
-    frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
-    assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]
-    assert set(frame["status"]) == {"ok"}
-    outputs = fs.find(f"{s3_bucket}/out/images")
-    assert sorted(outputs) == [f"{s3_bucket}/out/images/scan{i:02d}.png" for i in range(12)]
+    _assert_one_ok_row_and_output_per_scan(fs, s3_bucket)
 
 
 # --- The S3 server stays down past the retry budget ---------------------------------------
@@ -351,16 +362,7 @@ def test_s3_down_past_the_budget_stops_the_run_and_a_rerun_finishes(
     every remaining scan as failed; once the server answers again the same run, re-run,
     colours the rest: in the end one ok row and one output per scan, nothing twice.
     """
-    options = s3_server.storage_options()
-    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-    for index in range(12):
-        buffer = io.BytesIO()
-        Image.new("L", (48, 32), 10 + 20 * index).save(buffer, format="PNG")
-        fs.pipe_file(f"{s3_bucket}/scans/scan{index:02d}.png", buffer.getvalue())
-    model = tmp_path / "model"
-    generator = UNetGenerator(GeneratorConfig(width=4, depth=5, image_size=32))
-    init_weights(generator)
-    save_model(generator, str(model), name="down")
+    options, fs, model = _twelve_scans_and_a_model(s3_server, s3_bucket, tmp_path / "model")
     bucket = f"s3://{s3_bucket}"
     config = ColorizeConfig(
         src=f"{bucket}/scans", dst=f"{bucket}/out", model=str(model), batch_size=1,
@@ -396,9 +398,4 @@ def test_s3_down_past_the_budget_stops_the_run_and_a_rerun_finishes(
     assert summary.listed == 12
     assert summary.skipped == len(first)
     assert (summary.ok, summary.failed) == (12 - len(first), 0)
-    fs.invalidate_cache()
-    frame = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
-    assert sorted(frame["relative_path"]) == [f"scan{index:02d}.png" for index in range(12)]
-    assert set(frame["status"]) == {"ok"}
-    outputs = fs.find(f"{s3_bucket}/out/images")
-    assert sorted(outputs) == [f"{s3_bucket}/out/images/scan{i:02d}.png" for i in range(12)]
+    _assert_one_ok_row_and_output_per_scan(fs, s3_bucket)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec.config
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +46,7 @@ from models.networks import UNetGenerator, init_weights
 from pipeline.colorize import ColorizeConfig, run_colorize
 from pipeline.manifest import read_manifest
 from pipeline.model_store import save_model
+from tests.integration.conftest import isolated_aws_env
 from tests.integration.s3server import S3Identity, SeaweedS3
 
 pytestmark = pytest.mark.integration
@@ -272,20 +272,7 @@ def planted_env(
 ) -> Iterator[None]:
     """The standard AWS environment holding the planted credentials, and nothing of the host's
     (the same hygiene as conftest.s3_env, for this module's server and identity)."""
-    for key in list(os.environ):
-        if key.startswith(("AWS_", "FSSPEC_")):
-            monkeypatch.delenv(key)
-    env = {
-        **secure_s3.env(PLANTED),
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(fsspec.config, "conf", {})
-    s3fs.S3FileSystem.clear_instance_cache()
+    isolated_aws_env(secure_s3.env(PLANTED), monkeypatch, tmp_path)
     yield
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from pipeline.training import (
     TrainConfig,
     run_training,
 )
+from tests.integration.checkpoints import SNAPSHOT, wait_for_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -272,20 +272,6 @@ def test_train_from_s3_and_write_checkpoints_to_s3(
             assert not any(secret in blob for secret in secrets), path
 
 
-def _wait_for_checkpoint(run_dir: Path, name: str, *, timeout: float = 240.0) -> None:
-    """Until Ray Train has registered checkpoint ``name`` (its snapshot names it)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if name in snapshot.read_text():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"no {name} registered under {run_dir} after {timeout} s")
-
-
 def _train_worker_pids(temp_dir: str) -> list[int]:
     """PIDs of the Ray Train workers of the test cluster (children of its raylet)."""
     processes: dict[int, tuple[int, str]] = {}
@@ -326,7 +312,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
-        _wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
+        wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
         pids = _train_worker_pids(str(ray_local["temp_dir"]))
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGKILL)
@@ -378,12 +364,12 @@ def test_rerunning_after_the_driver_died_continues_the_run(
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
+        wait_for_checkpoint(output / RUN_FOLDER, "epoch_00001")
     finally:
         driver.kill()
         _, driver_err = driver.communicate(timeout=60)
     assert driver.returncode == -signal.SIGKILL, driver_err.decode(errors="replace")[-2000:]
-    interrupted = json.loads((output / RUN_FOLDER / "checkpoint_manager_snapshot.json").read_text())
+    interrupted = json.loads((output / RUN_FOLDER / SNAPSHOT).read_text())
     assert interrupted  # the dead run left its checkpoints registered
 
     # The same command again: it continues after the last checkpoint the dead run finished.
