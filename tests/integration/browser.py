@@ -184,10 +184,10 @@ class Page:
         }
 
 
-# Scroll through the page a screen at a time as a reader would, so lazy images load as they
-# come into view; then say which images loaded.
-IMAGES_LOADED = """
-(async () => {
+# JavaScript statements for the body of an async function: scroll through the page a screen
+# at a time as a reader would, so lazy images load as they come into view, and wait (20 s at
+# most) until every image has loaded or failed. Leaves `images` and `settle` defined.
+SCROLL_UNTIL_IMAGES_SETTLE = """\
   const images = Array.from(document.images);
   const settle = () => new Promise((done) => requestAnimationFrame(() => setTimeout(done, 20)));
   for (let y = 0; y <= document.documentElement.scrollHeight; y += innerHeight / 2) {
@@ -196,7 +196,15 @@ IMAGES_LOADED = """
   }
   const deadline = Date.now() + 20000;
   while (images.some((image) => !image.complete) && Date.now() < deadline) await settle();
-  scrollTo(0, 0);
+"""
+
+# The above, then say which images loaded.
+IMAGES_LOADED = (
+    """
+(async () => {
+"""
+    + SCROLL_UNTIL_IMAGES_SETTLE
+    + """  scrollTo(0, 0);
   await settle();
   return {
     images: images.length,
@@ -206,3 +214,4 @@ IMAGES_LOADED = """
   };
 })()
 """
+)

@@ -24,7 +24,7 @@ from models.config import GeneratorConfig
 from models.networks import UNetGenerator, init_weights
 from pipeline.colorize import ColorizeConfig, RunSummary, run_colorize
 from pipeline.model_store import save_model
-from tests.integration.browser import DevTools, Page
+from tests.integration.browser import SCROLL_UNTIL_IMAGES_SETTLE, DevTools, Page
 from tests.integration.corpus import Entry, make_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -207,19 +207,13 @@ def test_summary_and_show_on_a_real_run(
 
 # --- report in a real browser --------------------------------------------------------------
 
-# Scroll through the page a screen at a time as a reader would, so the lazy thumbnails load
-# as they come into view; then report what loaded.
-_INSPECT = """
+# Scroll until the lazy thumbnails have loaded (as a reader would), then report what loaded.
+_INSPECT = (
+    """
 (async () => {
-  const images = Array.from(document.images);
-  const settle = () => new Promise((done) => requestAnimationFrame(() => setTimeout(done, 20)));
-  for (let y = 0; y <= document.documentElement.scrollHeight; y += innerHeight / 2) {
-    scrollTo(0, y);
-    await settle();
-  }
-  const deadline = Date.now() + 20000;
-  while (images.some((image) => !image.complete) && Date.now() < deadline) await settle();
-  const cards = Array.from(document.querySelectorAll("#grid > .card"));
+"""
+    + SCROLL_UNTIL_IMAGES_SETTLE
+    + """  const cards = Array.from(document.querySelectorAll("#grid > .card"));
   return {
     images: images.length,
     lazy: images.filter((image) => image.loading === "lazy").length,
@@ -235,6 +229,7 @@ _INSPECT = """
   };
 })()
 """
+)
 
 _FILTER = """
 (() => {
