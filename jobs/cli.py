@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from jobs.colorize import colorize_command, nightly_command
-from jobs.errors import is_user_error
+from jobs.errors import is_user_error, own_error
 from jobs.jobs_cli import jobs_app
 from jobs.manifest_cli import manifest_app
 from jobs.train import train_command
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not is_user_error(err):
             raise
-        typer.echo(f"chromascan: {err}", err=True)
+        typer.echo(f"chromascan: {own_error(err)}", err=True)
         return 1
     return result if isinstance(result, int) else 0
 

@@ -31,3 +31,15 @@ def is_user_error(error: BaseException) -> bool:
         if isinstance(error_type, type) and isinstance(error, error_type):
             return True
     return False
+
+
+def own_error(error: BaseException) -> BaseException:
+    """The task's own error when ``error`` is Ray's wrapper around it, else ``error`` itself.
+
+    A task's error reaches the driver as a RayTaskError subclass of the task's error type whose
+    message is the task's whole traceback; the error the task raised, with its one-line
+    message, is kept in ``.cause``.
+    """
+    cause = getattr(error, "cause", None)
+    is_task_error = any(cls.__name__ == "RayTaskError" for cls in type(error).__mro__)
+    return cause if is_task_error and isinstance(cause, BaseException) else error

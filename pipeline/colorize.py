@@ -41,8 +41,6 @@ from pipeline.storage import (
     DEFAULT_TIMEOUT_S,
     StorageUnavailableError,
     error_chain,
-    find_unavailable,
-    is_unavailable,
     join,
     portable_storage_options,
     write_bytes_atomic,
@@ -375,9 +373,10 @@ def run_colorize(
                     if progress:
                         progress(state)
         except Exception as err:
-            if not is_unavailable(err):
+            outage = _storage_outage(err)
+            if outage is None:
                 raise
-            raise _stopped_by_storage(err, writer, state) from None
+            raise _stopped_by_storage(outage, writer, state) from None
     writer.flush()
     elapsed = time.perf_counter() - clock
     summary = RunSummary(
@@ -428,7 +427,7 @@ def _worker_storage_options(
 
 
 def _stopped_by_storage(
-    error: BaseException, writer: ManifestWriter, state: Progress
+    outage: str, writer: ManifestWriter, state: Progress
 ) -> StorageUnavailableError:
     """The one-line error for a run the store stopped answering; keeps what finished.
 
@@ -447,21 +446,24 @@ def _stopped_by_storage(
         else "what finished is recorded"
     )
     return StorageUnavailableError(
-        f"the run stopped after {state.done} of {state.total} inputs: {_storage_cause(error)}; "
+        f"the run stopped after {state.done} of {state.total} inputs: {outage}; "
         f"{kept}. Run the same command again once the store answers to do the rest"
     )
 
 
-def _storage_cause(error: BaseException) -> str:
-    """The storage error's own message, without the Ray task traceback wrapped around it."""
-    for current in error_chain(error):
-        # A Ray-made subclass of the task's error would carry the task's whole traceback.
-        if type(current) is StorageUnavailableError:
-            return str(current)
-    found = find_unavailable(error) or error
-    return f"{type(found).__name__}: {str(found).splitlines()[0] if str(found) else ''}".rstrip(
-        ": "
-    )
+def _storage_outage(error: BaseException) -> str | None:
+    """The message of the StorageUnavailableError behind ``error``, if the store stopped it.
+
+    Only that error counts: the storage layer raises it once its own time budget is spent, so
+    a Ray timeout or an unrelated ConnectionError is never mistaken for an outage. A Ray-made
+    subclass of the task's error carries the task's whole traceback in its message; the
+    task's own error, behind it in ``.cause``, has the one line.
+    """
+    found = [e for e in error_chain(error) if isinstance(e, StorageUnavailableError)]
+    if not found:
+        return None
+    own = next((e for e in found if type(e) is StorageUnavailableError), found[0])
+    return str(own).strip().splitlines()[0] if str(own).strip() else type(own).__name__
 
 
 def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) -> Any:
@@ -503,6 +505,11 @@ def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) ->
         # stages run one after another (measured on 2 cores: first output after 17 s of a
         # 30 s run). Without the reservation finalize runs beside the actor from the start.
         dataset.context.op_resource_reservation_enabled = False
+    # A UDF's error reaches the driver inside Ray's RayTaskError, and Ray Data would first wrap
+    # it in a UserCodeException whose cause chain does not survive the trip between processes:
+    # raised as it is, a worker's StorageUnavailableError stays recognisable, so the run stops
+    # in one line instead of a traceback (test_reliability, store down in the workers).
+    dataset.context.raise_original_map_exception = True
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

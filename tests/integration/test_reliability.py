@@ -399,3 +399,44 @@ def test_s3_down_past_the_budget_stops_the_run_and_a_rerun_finishes(
     assert summary.skipped == len(first)
     assert (summary.ok, summary.failed) == (12 - len(first), 0)
     _assert_one_ok_row_and_output_per_scan(fs, s3_bucket)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_s3_source_down_in_the_workers_stops_the_run_in_one_line(
+    s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The scans' store freezes after the listing; the output folder is local.
+
+    Only the Ray workers' reads meet the outage here, so the stop must come through Ray's own
+    error (which keeps no Python cause chain across processes), not from a driver-side write
+    that happens to time out first: the run stops in one line, having blamed no scan.
+    """
+    options, _fs, model = _twelve_scans_and_a_model(s3_server, s3_bucket, tmp_path / "model")
+    out = tmp_path / "out"
+    config = ColorizeConfig(
+        src=f"s3://{s3_bucket}/scans", dst=str(out), model=str(model), batch_size=1,
+        rows_per_block=1, flush_rows=1, storage_timeout_s=3.0,
+    )  # fmt: skip
+
+    def freeze() -> None:
+        os.killpg(s3_server.pid, signal.SIGSTOP)
+
+    try:
+        with pytest.raises(StorageUnavailableError) as down:
+            run_colorize(
+                config, software="chromascan test", storage_options=options, connect=freeze
+            )
+    finally:
+        # The server is shared by the whole session: it must never stay frozen.
+        os.killpg(s3_server.pid, signal.SIGCONT)
+    message = str(down.value)
+    assert "\n" not in message
+    assert message.startswith(f"the run stopped after 0 of 12 inputs: s3://{s3_bucket}/scans/")
+    assert "cannot read, the store is not answering" in message
+    assert not (out / "manifest").exists() or not pq.read_table(out / "manifest").num_rows
+
+    summary = run_colorize(config, software="chromascan test", storage_options=options)
+    assert (summary.listed, summary.ok, summary.failed, summary.skipped) == (12, 12, 0, 0)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        f"scan{index:02d}.png" for index in range(12)
+    ]

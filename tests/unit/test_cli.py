@@ -163,3 +163,20 @@ def test_cli_default_storage_timeout_matches_the_storage_layer() -> None:
 def test_bare_command_prints_help_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     assert capsys.readouterr().out.count("Usage:") == 1
+
+
+def test_a_user_error_from_a_ray_task_is_reported_by_its_own_message() -> None:
+    """Ray's wrapper is a subclass of the task's error whose message is a whole traceback."""
+    from ray.exceptions import RayTaskError
+
+    from jobs.errors import is_user_error, own_error
+    from pipeline.storage import StorageUnavailableError
+
+    raised = StorageUnavailableError("s3://b/scans/a.tif: cannot read, the store is not answering")
+    wrapped = RayTaskError("prepare_batch", "Traceback\n  File x\n", raised).as_instanceof_cause()
+    assert isinstance(wrapped, StorageUnavailableError)
+    assert "\n" in str(wrapped)
+    assert is_user_error(wrapped)
+    assert own_error(wrapped) is raised
+    plain = ValueError("not a task error")
+    assert own_error(plain) is plain
