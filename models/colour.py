@@ -204,11 +204,11 @@ def lab_to_linear_rgb_keep_lightness(lab: torch.Tensor, *, steps: int = 8) -> to
 # 12.92 / 65535 (the curve's steepest slope, at black): 0.05 of an 8-bit level, so a lookup
 # differs from rounding the exact curve only for values within 0.025 of a level's edge. It
 # replaces a float power over every pixel (7 ms of a 512×384 merge, measured, 1 thread).
-_LINEAR_STEPS = 65535
+LINEAR_STEPS = 65535
 
 
 def _srgb8_lookup_table() -> np.ndarray:
-    linear = torch.arange(_LINEAR_STEPS + 1, dtype=torch.float64) / _LINEAR_STEPS
+    linear = torch.arange(LINEAR_STEPS + 1, dtype=torch.float64) / LINEAR_STEPS
     return torch.round(linear_to_srgb(linear) * 255.0).to(torch.uint8).numpy()
 
 
@@ -217,7 +217,7 @@ _SRGB8_FROM_LINEAR = _srgb8_lookup_table()
 
 def linear_to_srgb8(linear: torch.Tensor) -> np.ndarray:
     """Linear light in [0, 1], any shape -> 8-bit sRGB (uint8 numpy array of that shape)."""
-    index = (linear.clamp(0.0, 1.0) * _LINEAR_STEPS + 0.5).to(torch.int32).numpy()
+    index = (linear.clamp(0.0, 1.0) * LINEAR_STEPS + 0.5).to(torch.int32).numpy()
     return _SRGB8_FROM_LINEAR[index]
 
 

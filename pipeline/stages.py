@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.colorize import image_to_lightness, lightness_to_model_input, merge_full_resolution
+from models.colorize import (
+    cast_convolutions,
+    image_to_lightness,
+    lightness_to_model_input,
+    merge_full_resolution,
+)
 from models.colorize import predict_ab as predict_ab_batch
 from models.metrics import colorfulness
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
@@ -195,7 +200,7 @@ class Colorizer:
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
-        self.generator = generator.eval()
+        self.generator = cast_convolutions(generator.eval(), self.autocast_dtype)
 
     def predict(self, l_model: np.ndarray) -> np.ndarray:
         """(B, 1, S, S) float32 normalised L -> (B, 2, S, S) float32 ab in Lab units."""

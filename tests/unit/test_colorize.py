@@ -15,7 +15,7 @@ from models.colorize import (
     predict_ab,
     prepare_image,
 )
-from models.colour import lab_to_rgb_keep_lightness, lightness_to_grey
+from models.colour import grey_to_lightness, lab_to_rgb_keep_lightness, lightness_to_grey
 from models.networks import UNetGenerator
 
 
@@ -122,6 +122,39 @@ def test_strip_merge_equals_one_whole_interpolation() -> None:
     assert difference.max() < 0.02
     one_strip = merge_full_resolution(lightness, ab, dtype=np.float32, strip_rows=10_000)
     np.testing.assert_allclose(stripped, one_strip, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chroma"), [((384, 512), 20.0), ((37, 1003), 80.0), ((1, 1), 40.0), ((517, 3), 120.0)]
+)
+def test_compiled_merge_gives_the_torch_merge_values_exactly(
+    shape: tuple[int, int], chroma: float
+) -> None:
+    """The 8-bit fast path (models.merge_kernel) must not change a single output value."""
+    rng = np.random.default_rng(7)
+    lightness = rng.uniform(0, 100, shape).astype(np.float32)
+    lightness[0, 0], lightness[-1, -1] = 0.0, 100.0  # the ends of the L* range
+    ab = rng.normal(0, chroma, (2, 64, 64)).astype(np.float32)  # many colours outside sRGB
+    compiled = merge_full_resolution(lightness, ab)
+    reference = merge_full_resolution(lightness, ab, reference=True, strip_rows=5)
+    assert compiled.dtype == np.uint8
+    np.testing.assert_array_equal(compiled, reference)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(301, 457), (19, 23, 1)])
+def test_grey_lightness_lookup_equals_the_computed_curve(
+    dtype: type, shape: tuple[int, ...]
+) -> None:
+    peak = np.iinfo(dtype).max
+    grey = np.random.default_rng(3).integers(0, peak + 1, shape).astype(dtype)
+    grey.flat[:2] = (0, peak)
+    looked_up = image_to_lightness(grey)
+    computed = grey_to_lightness(torch.from_numpy(grey.astype(np.float32) / peak)).numpy()
+    assert looked_up.shape == grey.shape[:2]
+    # Equal to float32 rounding: torch's vector kernels round an array's tail elements a ulp
+    # differently, so even the computed curve differs by a ulp between two array lengths.
+    np.testing.assert_allclose(looked_up, computed.reshape(grey.shape[:2]), rtol=1e-6, atol=1e-5)
 
 
 def test_strip_size_does_not_change_the_result(small_generator: UNetGenerator) -> None:
