@@ -15,8 +15,15 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
-from pipeline.colorize import ColorizeConfig, Progress, run_colorize, with_output_paths
+from pipeline.colorize import (
+    ColorizeConfig,
+    Progress,
+    colorizer_actors,
+    run_colorize,
+    with_output_paths,
+)
 from pipeline.listing import list_images
 from pipeline.model_store import load_model
 from pipeline.stages import Colorizer, StageOptions, finalize_one, prepare_one
@@ -35,6 +42,7 @@ class PipelineBench:
     forward_images_per_s: float
     forward_all_cores_images_per_s: float
     actor_cpus: int
+    actors: int  # colorizer actors the Ray runs used
     precision: str
 
     @property
@@ -49,8 +57,8 @@ class PipelineBench:
 
     @property
     def of_model(self) -> float:
-        """Ray's settled rate over the model alone with the actor's threads."""
-        return float(np.median(self.ray_steady_images_per_s) / self.forward_images_per_s)
+        """Ray's settled rate over the model alone on every core: the compute limit."""
+        return float(np.median(self.ray_steady_images_per_s) / self.forward_all_cores_images_per_s)
 
 
 def plain_loop(src: str, dst: str, model_url: str, *, batch_size: int, precision: str,
@@ -98,13 +106,15 @@ def forward_rate(
 
 def bench_pipeline(
     src: str, model_url: str, *, rounds: int, batch_size: int, precision: str, software: str,
-    actors: int = 1, actor_cpus: int = 1,
+    actors: int | None = None, actor_cpus: int = 1,
 ) -> PipelineBench:  # fmt: skip
     images = len(list_images(src))
     plain: list[float] = []
     ray_rates: list[float] = []
     steady: list[float] = []
     scratch = tempfile.mkdtemp(prefix="chromascan-bench-")
+    config = ColorizeConfig(src=src, dst="", model=model_url, actors=actors, actor_cpus=actor_cpus)
+    actors = colorizer_actors(config, ray.cluster_resources())
     try:
         for round_index in range(rounds):
             dst = f"{scratch}/plain-{round_index}"
@@ -140,6 +150,7 @@ def bench_pipeline(
             model_url, batch_size=batch_size, precision=precision
         ),
         actor_cpus=actor_cpus,
+        actors=actors,
         precision=precision,
     )
 

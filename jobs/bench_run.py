@@ -359,7 +359,7 @@ def bench_run(
     *,
     precisions: Sequence[str],
     batch_size: int,
-    actors: int,
+    actors: int | None,
     actor_cpus: int,
     gpu: bool,
     scans: int,
@@ -376,7 +376,7 @@ def bench_run(
     """
     import ray
 
-    from pipeline.colorize import ColorizeConfig, ColorizeError
+    from pipeline.colorize import ColorizeConfig, ColorizeError, colorizer_actors
     from pipeline.listing import list_images
 
     uris = list_images(src).column("source_uri").to_pylist()
@@ -386,6 +386,11 @@ def bench_run(
     cpus = float(resources.get("CPU", 0))
     gpus = float(resources.get("GPU", 0))
     task_workers = max(1, int(cpus))
+    actors = colorizer_actors(
+        ColorizeConfig(src=src, dst="", model=model_url, gpu=gpu, actors=actors,
+                       actor_cpus=actor_cpus),
+        resources,
+    )  # fmt: skip
     timer_class = ray.remote(num_cpus=0 if gpu else actor_cpus, num_gpus=1 if gpu else 0)(
         StageTimer
     )

@@ -187,8 +187,14 @@ def bench_pipeline_command(
     rounds: Annotated[int, typer.Option(min=1, help="Alternating plain/Ray rounds.")] = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            min=1, show_default=False, help="Colorizer actors; default: as colorize picks them."
+        ),
+    ] = None,
     actor_cpus: Annotated[
-        int, typer.Option(min=1, help="CPUs (threads) of the pipeline's colorizer actor.")
+        int, typer.Option(min=1, help="CPUs (threads) of each colorizer actor.")
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
@@ -211,7 +217,7 @@ def bench_pipeline_command(
         ensure_ray()
         result = bench_pipeline(
             src, model, rounds=rounds, batch_size=batch_size, precision=precision,
-            software=f"chromascan {package_version()}", actor_cpus=actor_cpus,
+            software=f"chromascan {package_version()}", actors=actors, actor_cpus=actor_cpus,
         )  # fmt: skip
     if as_json:
         figures = {
@@ -226,18 +232,21 @@ def bench_pipeline_command(
     def rates(values: list[float]) -> str:
         return ", ".join(f"{value:.2f}" for value in values)
 
-    typer.echo(f"{result.images} scans, batch {batch_size}, precision {precision}")
+    typer.echo(
+        f"{result.images} scans, batch {batch_size}, precision {precision}, "
+        f"{result.actors} colorizer actor(s) of {actor_cpus} thread(s)"
+    )
     typer.echo(f"plain loop             {rates(result.plain_images_per_s)} images/s")
     typer.echo(f"ray pipeline, whole    {rates(result.ray_images_per_s)} images/s")
     typer.echo(f"ray pipeline, settled  {rates(result.ray_steady_images_per_s)} images/s")
     typer.echo(
         f"model alone            {result.forward_images_per_s:.2f} images/s with "
-        f"{actor_cpus} thread(s), {result.forward_all_cores_images_per_s:.2f} with all cores"
+        f"{actor_cpus} thread(s), {result.forward_all_cores_images_per_s:.2f} on every core"
     )
     typer.echo(
         f"ray / plain            {result.ratio:.2f}× whole run, {result.steady_ratio:.2f}× settled"
     )
-    typer.echo(f"settled / model alone  {result.of_model:.2f}× (same threads)")
+    typer.echo(f"settled / model alone  {result.of_model:.2f}× (model alone on every core)")
 
 
 @bench_app.command("nightly")
@@ -301,7 +310,14 @@ def bench_run_command(
         typer.Option("--precision", "-p", help="Model precisions to time; repeatable."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Scans per forward pass.")] = 8,
-    actors: Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")] = 1,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="Colorizer actors; default: one per GPU with --gpu, else about 3 per 4 CPUs.",
+        ),
+    ] = None,
     actor_cpus: Annotated[int, typer.Option(min=1, help="CPUs (threads) per actor.")] = 1,
     gpu: Annotated[bool, typer.Option(help="Run the model on GPUs.")] = False,
     scans: Annotated[int, typer.Option(min=1, help="Archive size for the projection.")] = (

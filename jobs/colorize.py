@@ -48,7 +48,14 @@ Src = Annotated[str, typer.Argument(help="Folder or URL of the scans (s3://bucke
 Dst = Annotated[str, typer.Argument(help="Folder or URL for images/, manifest/ and runs/.")]
 ModelUrl = Annotated[str, typer.Option("--model", "-m", help="Model artifact folder or URL.")]
 Gpu = Annotated[bool, typer.Option(help="One colorizer actor per GPU, in bf16/fp16.")]
-Actors = Annotated[int, typer.Option(min=1, help="Colorizer actors (GPUs with --gpu).")]
+Actors = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        show_default=False,
+        help="Colorizer actors; default: one per GPU with --gpu, else about 3 per 4 CPUs.",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(min=1, help="Scans per forward pass.")]
 ActorCpus = Annotated[int, typer.Option(min=1, help="CPUs (torch threads) per colorizer actor.")]
 MaxPixels = Annotated[
@@ -72,7 +79,7 @@ def colorize_command(
     dst: Dst,
     model: ModelUrl,
     gpu: Gpu = False,
-    actors: Actors = 1,
+    actors: Actors = None,
     batch_size: BatchSize = 8,
     actor_cpus: ActorCpus = 1,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
@@ -156,7 +163,7 @@ def nightly_command(
     dst: Dst,
     model: ModelUrl,
     gpu: Gpu = False,
-    actors: Actors = 1,
+    actors: Actors = None,
     batch_size: BatchSize = 8,
     actor_cpus: ActorCpus = 1,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,

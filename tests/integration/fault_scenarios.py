@@ -133,11 +133,13 @@ def colorize_scenario(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.colorize import ColorizeConfig, Progress, run_colorize
 
     # One input per block and per batch: many small tasks on both nodes, and a manifest part
-    # per block, so the removal falls between blocks that are done and blocks in flight.
+    # per block, so the removal falls between blocks that are done and blocks in flight. One
+    # actor, so the removed node holds exactly the one the run depends on.
     config = ColorizeConfig(
         src=args.src,
         dst=args.dst,
         model=args.model,
+        actors=1,
         batch_size=1,
         rows_per_block=1,
         flush_rows=1,
@@ -147,22 +149,34 @@ def colorize_scenario(args: argparse.Namespace) -> dict[str, Any]:
         observed["nodes_before"] = alive_node_ids()
         worker_by_id = {node.node_id: node for node in cluster.worker_nodes}
 
-        def remove_colorizer_node(state: Progress) -> None:
-            if observed["removals"]:
-                return
-            actors = [a for a in colorizer_actors(cluster) if a["state"] == "ALIVE"]
-            hosts = [a["node_id"] for a in actors if a["node_id"] in worker_by_id]
-            if not hosts:  # the actor is not placed yet: try again on the next block
-                return
-            victim = hosts[0]
-            observed["removals"].append(
-                {"node_id": victim, "done": state.done, "total": state.total, "actors": actors}
-            )
-            cluster.remove_node(worker_by_id[victim], allow_graceful=False)
+        progress: dict[str, int] = {"done": 0}
+        run_over = threading.Event()
 
-        summary = run_colorize(
-            config, software="chromascan fault test", progress=remove_colorizer_node
-        )
+        def note_progress(state: Progress) -> None:
+            progress["done"] = state.done
+
+        def remove_colorizer_node() -> None:
+            # Watched from the side, not from the progress callback: with fast stages the
+            # actor can finish every input before the first result reaches the driver.
+            while not run_over.wait(0.02):
+                actors = [a for a in colorizer_actors(cluster) if a["state"] == "ALIVE"]
+                hosts = [a["node_id"] for a in actors if a["node_id"] in worker_by_id]
+                if not hosts:  # the actor is not placed yet
+                    continue
+                victim = hosts[0]
+                observed["removals"].append(
+                    {"node_id": victim, "done": progress["done"], "actors": actors}
+                )
+                cluster.remove_node(worker_by_id[victim], allow_graceful=False)
+                return
+
+        remover = threading.Thread(target=remove_colorizer_node, daemon=True)
+        remover.start()
+        try:
+            summary = run_colorize(config, software="chromascan fault test", progress=note_progress)
+        finally:
+            run_over.set()
+            remover.join()
         # Counted after the run so the GCS has had time to mark the node dead.
         _wait_for_alive_nodes(len(observed["nodes_before"]) - len(observed["removals"]))
         observed["nodes_after"] = alive_node_ids()

@@ -29,6 +29,7 @@ from pipeline.model_store import save_model
 from pipeline.provenance import DIGITAL_SOURCE_TYPE, read_png_provenance, srgb_icc_profile
 from pipeline.schema import MANIFEST_COLUMNS
 from tests.integration.corpus import Entry, make_corpus
+from tests.integration.ray_cluster import TEST_CLUSTER_CPUS
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -366,6 +367,8 @@ def test_bench_pipeline_runs_both_sides(
     assert result["forward_all_cores_images_per_s"] > 0
     assert len(result["ray_steady_images_per_s"]) == 1
     assert result["actor_cpus"] == 1
+    # The test cluster's CPUs pick the pool as colorize does: about 3 actors per 4 CPUs.
+    assert result["actors"] == round(0.75 * TEST_CLUSTER_CPUS)
     # The settled rate leaves the start-up out, so it is never below the whole run's rate
     # unless a single block carried every result (then it is 0: not measurable).
     steady, whole = result["ray_steady_images_per_s"][0], result["ray_images_per_s"][0]

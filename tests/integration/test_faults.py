@@ -150,6 +150,7 @@ def test_a_worker_node_lost_mid_colorize_every_input_gets_one_ok_row(
     )  # fmt: skip
 
     # The node that ran the colorizer was taken down while the run was under way...
+    assert len(observed["removals"]) == 1, observed
     [removal] = observed["removals"]
     victim = removal["node_id"]
     assert removal["done"] < SCANS, removal  # inside the run, not after it

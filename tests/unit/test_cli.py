@@ -180,3 +180,25 @@ def test_a_user_error_from_a_ray_task_is_reported_by_its_own_message() -> None:
     assert own_error(wrapped) is raised
     plain = ValueError("not a task error")
     assert own_error(plain) is plain
+
+
+@pytest.mark.parametrize(
+    ("settings", "resources", "actors", "reserved"),
+    [
+        ({}, {"CPU": 2.0}, 2, 0.5),  # this machine kind: two single-thread actors
+        ({}, {"CPU": 16.0}, 12, 0.5),
+        ({"actor_cpus": 2}, {"CPU": 16.0}, 6, 1.0),
+        ({}, {"CPU": 1.0}, 1, 0.5),
+        ({"actors": 1}, {"CPU": 16.0}, 1, 0.5),  # what the user asked for wins
+        ({"gpu": True}, {"CPU": 8.0, "GPU": 4.0}, 4, 1.0),  # one per GPU
+        ({"gpu": True}, {"CPU": 8.0}, 1, 1.0),  # no GPU yet (an autoscaler adds one)
+    ],
+)
+def test_colorizer_actor_pool_follows_the_cluster(
+    settings: dict[str, object], resources: dict[str, float], actors: int, reserved: float
+) -> None:
+    from pipeline.colorize import ColorizeConfig, actor_cpu_reservation, colorizer_actors
+
+    config = ColorizeConfig(src="a", dst="b", model="c", **settings)  # type: ignore[arg-type]
+    assert colorizer_actors(config, resources) == actors
+    assert actor_cpu_reservation(config) == reserved
