@@ -6,8 +6,9 @@ bisection for out-of-gamut colours and the 8-bit lookup pixel by pixel, in float
 the same order of operations. It is the finalize stage's main cost: the stage is the
 bottleneck of a GPU cluster, and on CPU it competes with the model for the same cores.
 
-Measured (bench merge, 1 thread): see README "Performance". The torch path stays the
-reference: tests compare the two, and it serves the 16-bit and float outputs.
+Measured side by side, 1 thread: 512x384 26 -> 2.6 ms (colours in gamut), 32 -> 7.1 ms (many
+outside); 6000x4000 2.84 -> 0.88 s. The torch path stays the reference: tests compare the
+two value for value, and it serves the 16-bit and float outputs.
 """
 
 from __future__ import annotations
