@@ -349,6 +349,22 @@ def test_s3_server_paused_mid_run_the_run_completes(
     _assert_one_ok_row_and_output_per_scan(fs, s3_bucket)
 
 
+def _stopped_by_the_store(
+    s3_server: Any, config: ColorizeConfig, options: dict[str, Any], **hooks: Any
+) -> str:
+    """Run, expecting the one-line stop of a store that does not answer; thaw it whatever."""
+    try:
+        with pytest.raises(StorageUnavailableError) as down:
+            run_colorize(config, software="chromascan test", storage_options=options, **hooks)
+    finally:
+        # The server is shared by the whole session: it must never stay frozen.
+        os.killpg(s3_server.pid, signal.SIGCONT)
+    message = str(down.value)
+    assert "\n" not in message
+    assert message.endswith("Run the same command again once the store answers to do the rest")
+    return message
+
+
 # --- The S3 server stays down past the retry budget ---------------------------------------
 
 
@@ -375,19 +391,9 @@ def test_s3_down_past_the_budget_stops_the_run_and_a_rerun_finishes(
             stopped.append(state.done)
             os.killpg(s3_server.pid, signal.SIGSTOP)
 
-    try:
-        with pytest.raises(StorageUnavailableError) as down:
-            run_colorize(
-                config, software="chromascan test", storage_options=options, progress=stop_once
-            )
-    finally:
-        # The server is shared by the whole session: it must never stay frozen.
-        os.killpg(s3_server.pid, signal.SIGCONT)
-    message = str(down.value)
-    assert "\n" not in message
+    message = _stopped_by_the_store(s3_server, config, options, progress=stop_once)
     assert message.startswith(f"the run stopped after {stopped[0]} of 12 inputs: {bucket}/")
     assert "the store is not answering" in message
-    assert message.endswith("Run the same command again once the store answers to do the rest")
     fs.invalidate_cache()
     first = pq.read_table(f"{s3_bucket}/out/manifest", filesystem=fs).to_pandas()
     # Stopped, not failed: no scan was blamed for the outage.
@@ -421,16 +427,7 @@ def test_s3_source_down_in_the_workers_stops_the_run_in_one_line(
     def freeze() -> None:
         os.killpg(s3_server.pid, signal.SIGSTOP)
 
-    try:
-        with pytest.raises(StorageUnavailableError) as down:
-            run_colorize(
-                config, software="chromascan test", storage_options=options, connect=freeze
-            )
-    finally:
-        # The server is shared by the whole session: it must never stay frozen.
-        os.killpg(s3_server.pid, signal.SIGCONT)
-    message = str(down.value)
-    assert "\n" not in message
+    message = _stopped_by_the_store(s3_server, config, options, connect=freeze)
     assert message.startswith(f"the run stopped after 0 of 12 inputs: s3://{s3_bucket}/scans/")
     assert "cannot read, the store is not answering" in message
     assert not (out / "manifest").exists() or not pq.read_table(out / "manifest").num_rows
