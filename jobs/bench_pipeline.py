@@ -20,7 +20,7 @@ import ray
 from pipeline.colorize import (
     ColorizeConfig,
     Progress,
-    colorizer_actors,
+    colorizer_pool_size,
     run_colorize,
     with_output_paths,
 )
@@ -114,7 +114,7 @@ def bench_pipeline(
     steady: list[float] = []
     scratch = tempfile.mkdtemp(prefix="chromascan-bench-")
     config = ColorizeConfig(src=src, dst="", model=model_url, actors=actors, actor_cpus=actor_cpus)
-    actors = colorizer_actors(config, ray.cluster_resources())
+    actors = colorizer_pool_size(config, ray.cluster_resources(), images)
     try:
         for round_index in range(rounds):
             dst = f"{scratch}/plain-{round_index}"

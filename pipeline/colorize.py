@@ -71,6 +71,13 @@ def colorizer_actors(config: ColorizeConfig, resources: Mapping[str, float]) -> 
     return max(1, round(_CPU_MODEL_SHARE * cpus / config.actor_cpus))
 
 
+def colorizer_pool_size(config: ColorizeConfig, resources: Mapping[str, float], rows: int) -> int:
+    """The actors a run of ``rows`` inputs starts: never more than an execution has blocks,
+    since each actor imports torch and loads the model before its first input."""
+    blocks = math.ceil(min(rows, config.rows_per_execution) / config.rows_per_block)
+    return max(1, min(colorizer_actors(config, resources), blocks))
+
+
 def actor_cpu_reservation(config: ColorizeConfig) -> float:
     """The CPUs each colorizer actor reserves in Ray (its torch threads are actor_cpus)."""
     return float(config.actor_cpus) if config.gpu else _CPU_ACTOR_RESERVATION * config.actor_cpus
@@ -389,7 +396,8 @@ def run_colorize(
         if connect is not None:
             connect()
         # Resolved once Ray is up, so the run summary records what ran.
-        config = replace(config, actors=colorizer_actors(config, ray.cluster_resources()))
+        actors = colorizer_pool_size(config, ray.cluster_resources(), listing.num_rows)
+        config = replace(config, actors=actors)
         try:
             for start in range(0, listing.num_rows, config.rows_per_execution):
                 chunk = listing.slice(start, config.rows_per_execution)
@@ -523,7 +531,9 @@ def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) ->
             "storage_options": options.storage_options,
         },
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=colorizer_actors(config, ray.cluster_resources())),
+        compute=ray.data.ActorPoolStrategy(
+            size=min(colorizer_actors(config, ray.cluster_resources()), len(blocks))
+        ),
         num_gpus=1 if config.gpu else 0,
         num_cpus=actor_cpu_reservation(config),
     )

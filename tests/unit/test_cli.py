@@ -202,3 +202,11 @@ def test_colorizer_actor_pool_follows_the_cluster(
     config = ColorizeConfig(src="a", dst="b", model="c", **settings)  # type: ignore[arg-type]
     assert colorizer_actors(config, resources) == actors
     assert actor_cpu_reservation(config) == reserved
+
+
+@pytest.mark.parametrize(("rows", "actors"), [(1, 1), (5, 2), (8, 2), (9, 3), (100_000, 3)])
+def test_no_more_colorizer_actors_than_an_execution_has_blocks(rows: int, actors: int) -> None:
+    from pipeline.colorize import ColorizeConfig, colorizer_pool_size
+
+    config = ColorizeConfig(src="a", dst="b", model="c", rows_per_block=4, actors=3)
+    assert colorizer_pool_size(config, {"CPU": 4.0}, rows) == actors
