@@ -12,7 +12,7 @@ import functools
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import ray
@@ -113,8 +113,12 @@ def bench_pipeline(
     ray_rates: list[float] = []
     steady: list[float] = []
     scratch = tempfile.mkdtemp(prefix="chromascan-bench-")
-    config = ColorizeConfig(src=src, dst="", model=model_url, actors=actors, actor_cpus=actor_cpus)
-    actors = colorizer_pool_size(config, ray.cluster_resources(), images)
+    # One config for every Ray round (each with its own DST), its pool resolved as the run
+    # resolves it, so the report names the actors that ran.
+    config = ColorizeConfig(src=src, dst="", model=model_url, batch_size=batch_size,
+                            precision=precision, actors=actors, actor_cpus=actor_cpus)  # fmt: skip
+    pool = colorizer_pool_size(config, ray.cluster_resources(), images)
+    config = replace(config, actors=pool)
     try:
         for round_index in range(rounds):
             dst = f"{scratch}/plain-{round_index}"
@@ -127,12 +131,10 @@ def bench_pipeline(
             arrivals: list[tuple[float, int]] = []
             started = time.perf_counter()
             run_colorize(
-                ColorizeConfig(src=src, dst=dst, model=model_url, batch_size=batch_size,
-                               precision=precision, actors=actors,
-                               actor_cpus=actor_cpus),
+                replace(config, dst=dst),
                 software=software,
                 progress=functools.partial(_note_arrival, arrivals),
-            )  # fmt: skip
+            )
             ray_rates.append(images / (time.perf_counter() - started))
             steady.append(_steady_rate(arrivals))
             shutil.rmtree(dst, ignore_errors=True)
@@ -150,7 +152,7 @@ def bench_pipeline(
             model_url, batch_size=batch_size, precision=precision
         ),
         actor_cpus=actor_cpus,
-        actors=actors,
+        actors=pool,
         precision=precision,
     )
 

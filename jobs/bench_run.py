@@ -386,11 +386,13 @@ def bench_run(
     cpus = float(resources.get("CPU", 0))
     gpus = float(resources.get("GPU", 0))
     task_workers = max(1, int(cpus))
-    actors = colorizer_actors(
-        ColorizeConfig(src=src, dst="", model=model_url, gpu=gpu, actors=actors,
-                       actor_cpus=actor_cpus),
-        resources,
+    # The end-to-end run's settings; its precision is picked once the model stage is timed.
+    config = ColorizeConfig(
+        src=src, dst=dst or "", model=model_url, gpu=gpu, actors=actors, batch_size=batch_size,
+        actor_cpus=actor_cpus, incremental=False,
     )  # fmt: skip
+    # The pool a large run gets on this cluster: what the projection scales the model by.
+    actors = colorizer_actors(config, resources)
     timer_class = ray.remote(num_cpus=0 if gpu else actor_cpus, num_gpus=1 if gpu else 0)(
         StageTimer
     )
@@ -407,11 +409,9 @@ def bench_run(
     fastest = max((s for s in stages if s.stage == "model"), key=lambda s: s.cluster_images_per_s)
     precision = fastest.precision or "fp32"
     progress(f"end to end: {count} images through the Ray pipeline, {precision} ...")
-    config = ColorizeConfig(
-        src=src, dst=dst or "", model=model_url, gpu=gpu, actors=actors, batch_size=batch_size,
-        precision=precision, actor_cpus=actor_cpus, incremental=False,
-    )  # fmt: skip
-    end_to_end = _end_to_end(config, software=software, progress=progress)
+    end_to_end = _end_to_end(
+        replace(config, precision=precision), software=software, progress=progress
+    )
     notes = []
     if count < 4 * max(1, task_workers):
         notes.append(

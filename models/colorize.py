@@ -72,12 +72,9 @@ def _to_unit_float(image: np.ndarray) -> tuple[np.ndarray, np.dtype]:
 
 
 @functools.cache
-def _grey_lightness_table(itemsize: int) -> np.ndarray:
-    """L* of every 8-bit (itemsize 1) or 16-bit grey level, by the same computation as a strip."""
-    levels = np.arange(
-        256 if itemsize == 1 else 65536, dtype=np.uint8 if itemsize == 1 else np.uint16
-    )
-    unit, _ = _to_unit_float(levels)
+def _grey_lightness_table(dtype: np.dtype) -> np.ndarray:
+    """L* of every grey level of an unsigned integer dtype, by the same computation as a strip."""
+    unit, _ = _to_unit_float(np.arange(np.iinfo(dtype).max + 1, dtype=dtype))
     table = grey_to_lightness(torch.from_numpy(unit)).numpy()
     table.setflags(write=False)
     return table
@@ -103,7 +100,7 @@ def image_to_lightness(image: np.ndarray, *, strip_rows: int | None = None) -> n
         raise ValueError(f"image is empty: {width}×{height}")
     if channels == 1 and image.dtype in (np.uint8, np.uint16):
         # Most scans: 8- or 16-bit grey has at most 65,536 levels, each with one L*.
-        return _grey_lightness_table(image.dtype.itemsize)[image.reshape(height, width)]
+        return _grey_lightness_table(image.dtype)[image.reshape(height, width)]
     strip_rows = _strip_rows(width, strip_rows)
     lightness = np.empty((height, width), dtype=np.float32)
     for top in range(0, height, strip_rows):

@@ -401,7 +401,7 @@ def run_colorize(
         try:
             for start in range(0, listing.num_rows, config.rows_per_execution):
                 chunk = listing.slice(start, config.rows_per_execution)
-                for batch in _stream(chunk, config, options):
+                for batch in _stream(chunk, config, options, actors):
                     _record(_batch_rows(batch), writer, state)
                     state.elapsed_s = time.perf_counter() - clock
                     if progress:
@@ -497,11 +497,16 @@ def _storage_outage(error: BaseException) -> str | None:
     if not found:
         return None
     own = next((e for e in found if type(e) is StorageUnavailableError), found[0])
-    return str(own).strip().splitlines()[0] if str(own).strip() else type(own).__name__
+    message = str(own).strip()
+    return message.splitlines()[0] if message else type(own).__name__
 
 
-def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) -> Any:
-    """The Ray Data pipeline; yields manifest-row batches as pyarrow tables as they finish."""
+def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions, actors: int) -> Any:
+    """The Ray Data pipeline; yields manifest-row batches as pyarrow tables as they finish.
+
+    ``actors`` is the run's pool size (colorizer_pool_size); a short last execution starts
+    no more of them than it has blocks.
+    """
     # Many small blocks: each prepare/finalize task takes a few inputs, so a cluster's CPUs
     # all get work and one huge scan does not hold up a long block behind it.
     blocks = [
@@ -531,9 +536,7 @@ def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions) ->
             "storage_options": options.storage_options,
         },
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(
-            size=min(colorizer_actors(config, ray.cluster_resources()), len(blocks))
-        ),
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))),
         num_gpus=1 if config.gpu else 0,
         num_cpus=actor_cpu_reservation(config),
     )

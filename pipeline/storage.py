@@ -62,19 +62,13 @@ def error_chain(error: BaseException) -> Iterator[BaseException]:
                 pending.append(nxt)
 
 
-def find_unavailable(error: BaseException) -> BaseException | None:
-    """The error in ``error``'s chain that says the store is not answering, if any."""
-    for current in error_chain(error):
-        if isinstance(current, StorageUnavailableError | TimeoutError | ConnectionError):
-            return current
-        if any(cls.__name__ in _UNAVAILABLE_NAMES for cls in type(current).__mro__):
-            return current
-    return None
-
-
 def is_unavailable(error: BaseException) -> bool:
     """Whether ``error`` (or an error behind it) says the store is not answering."""
-    return find_unavailable(error) is not None
+    return any(
+        isinstance(current, StorageUnavailableError | TimeoutError | ConnectionError)
+        or any(cls.__name__ in _UNAVAILABLE_NAMES for cls in type(current).__mro__)
+        for current in error_chain(error)
+    )
 
 
 def _timeout_for(size: int, timeout_s: float) -> float:
