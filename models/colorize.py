@@ -33,6 +33,9 @@ from models.merge_kernel import merge_rows_srgb8
 # Pixels converted at once: bounds the float working set (~100 bytes a pixel across the
 # temporaries of Lab -> sRGB) to ~100 MB whatever the scan's width.
 STRIP_PIXELS = 1 << 20
+# Floats any resampling buffer may hold (128 MB). Ordinary scans (up to 30,000 px a side at a
+# 256 model size) stay under it and take the one-call path; extreme shapes are tiled.
+INTERMEDIATE_FLOATS = 1 << 25
 
 
 def _strip_rows(width: int, strip_rows: int | None) -> int:
@@ -116,12 +119,23 @@ def image_to_lightness(image: np.ndarray, *, strip_rows: int | None = None) -> n
 
 
 def lightness_to_model_input(lightness: np.ndarray, image_size: int) -> np.ndarray:
-    """L* (H, W) -> normalised L (1, S, S), area-filtered so downscaling does not alias."""
+    """L* (H, W) -> normalised L (1, S, S), area-filtered so downscaling does not alias.
+
+    torch's antialiased resize filters the width first, through an (H, S) float buffer: for
+    a 1 × 20,000,000 scan that is 20 GB. A scan that tall is resized transposed, so that the
+    buffer is (W, S); any shape then costs about its own pixel count.
+    """
     tensor = torch.from_numpy(lightness)[None, None]  # (1, 1, H, W)
+    height, width = lightness.shape
+    tall = height > width and height * image_size > INTERMEDIATE_FLOATS
+    if tall:
+        tensor = tensor.transpose(-1, -2)  # (1, 1, W, H)
     resized = F.interpolate(
         tensor, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
     )
-    return normalize_l(resized[0]).clamp(-1.0, 1.0).numpy()  # (1, S, S)
+    if tall:
+        resized = resized.transpose(-1, -2)
+    return normalize_l(resized[0]).clamp(-1.0, 1.0).contiguous().numpy()  # (1, S, S)
 
 
 def prepare_image(
@@ -170,10 +184,14 @@ def cast_convolutions(generator: nn.Module, dtype: torch.dtype | None) -> nn.Mod
     return generator
 
 
-def _row_interpolation(out_rows: int, in_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source rows and weights of bilinear resampling with align_corners=False, as torch does."""
+def _row_interpolation(
+    out_rows: int, in_rows: int, start: int = 0, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows and weights of bilinear resampling with align_corners=False, as torch does,
+    for output rows ``start:stop`` (all by default)."""
     scale = in_rows / out_rows
-    source = np.maximum((np.arange(out_rows, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    index = np.arange(start, out_rows if stop is None else stop, dtype=np.float64)
+    source = np.maximum((index + 0.5) * scale - 0.5, 0.0)
     row0 = np.minimum(source.astype(np.int64), in_rows - 1)
     row1 = np.minimum(row0 + 1, in_rows - 1)
     weight = (source - row0).astype(np.float32)
@@ -187,8 +205,12 @@ def merge_full_resolution(
     dtype: np.dtype | type = np.uint8,
     strip_rows: int | None = None,
     reference: bool = False,
+    column_tile: int | None = None,
 ) -> np.ndarray:
     """Full-resolution L* (H, W) + model-size ab (2, s, s) -> sRGB (H, W, 3) of ``dtype``.
+
+    ``column_tile`` forces column tiles of that width (tests); by default only widths whose
+    widened ab would pass INTERMEDIATE_FLOATS are tiled.
 
     ab is upsampled bilinearly (identical to one F.interpolate over the whole image) but one
     strip of rows at a time, so the float working set is a strip, not the scan. The source's
@@ -209,32 +231,70 @@ def merge_full_resolution(
         peak = 0.0
     else:
         raise ValueError(f"output dtype must be uint8, uint16 or float32, got {out_dtype}")
-    # Width first, once: (2, h, W) is small (h is the model size).
-    ab_wide = F.interpolate(
-        torch.tensor(ab, dtype=torch.float32)[None],  # a copy: ab may be a read-only view
-        size=(ab.shape[1], width),
-        mode="bilinear",
-        align_corners=False,
-    )[0]
-    row0, row1, weight = _row_interpolation(height, ab.shape[1])
+    ab_float = torch.tensor(ab, dtype=torch.float32)  # a copy: ab may be a read-only view
+    row0, row1, row_weight = _row_interpolation(height, ab.shape[1])
+    # A scan shorter than the model size mixes only some of ab's rows: widen just those (a
+    # 2-row, 16-million-column scan would otherwise widen all 256 of them).
+    used = np.unique(np.concatenate((row0, row1)))
+    if len(used) < ab.shape[1]:
+        ab_float = ab_float[:, torch.from_numpy(used)]
+        row0, row1 = np.searchsorted(used, row0), np.searchsorted(used, row1)
+    row_weights = (row0, row1, row_weight)
     output = np.empty((height, width, 3), dtype=out_dtype)
-    if out_dtype == np.uint8 and not reference:
+    # ab is widened to the output's width before the rows are mixed: (2, h, W) is small for
+    # any real scan (h is the model size), but 32 GB for a 16,000,000 × 2 one. Such widths
+    # are done in column tiles, each widened on its own, so memory follows the pixel count;
+    # every column is computed the same way whatever the tiling, so tiles never show.
+    tile = column_tile or max(1, INTERMEDIATE_FLOATS // (2 * ab_float.shape[1]))
+    for left in range(0, width, tile):
+        columns = slice(left, min(left + tile, width))
+        col0, col1, col_weight = _row_interpolation(width, ab.shape[2], left, columns.stop)
+        w = torch.from_numpy(col_weight).view(1, 1, -1)
+        left_cols, right_cols = torch.from_numpy(col0), torch.from_numpy(col1)
+        ab_wide = ab_float[:, :, left_cols] * (1.0 - w) + ab_float[:, :, right_cols] * w
+        _merge_columns(
+            lightness[:, columns],
+            ab_wide,
+            row_weights,
+            output[:, columns],
+            peak=peak,
+            strip_rows=strip_rows,
+            reference=reference,
+        )
+    return output
+
+
+def _merge_columns(
+    lightness: np.ndarray,
+    ab_wide: torch.Tensor,
+    row_weights: tuple[np.ndarray, np.ndarray, np.ndarray],
+    output: np.ndarray,
+    *,
+    peak: float,
+    strip_rows: int | None,
+    reference: bool,
+) -> None:
+    """Fill ``output`` (H, T, 3), a view, from L* (H, T) and width-resampled ab (2, h, T)."""
+    height, width = lightness.shape
+    row0, row1, weight = row_weights
+    if output.dtype == np.uint8 and not reference:
         # The usual output: one compiled pass, no float working set at all (same values).
-        merge_rows_srgb8(lightness, ab_wide.numpy(), (row0, row1, weight), output)
-        return output
+        merge_rows_srgb8(lightness, ab_wide.numpy(), row_weights, output)
+        return
     strip_rows = _strip_rows(width, strip_rows)
     for top in range(0, height, strip_rows):
         rows = slice(top, min(top + strip_rows, height))
         w = torch.from_numpy(weight[rows]).view(1, -1, 1)
-        ab_rows = ab_wide[:, row0[rows]] * (1.0 - w) + ab_wide[:, row1[rows]] * w  # (2, h, W)
-        lab = torch.cat((torch.from_numpy(lightness[rows])[None], ab_rows), dim=0)
-        if out_dtype == np.uint8:  # a table lookup, not a power curve
-            linear = lab_to_linear_rgb_keep_lightness(lab).permute(1, 2, 0)  # (h, W, 3)
+        ab_rows = ab_wide[:, row0[rows]] * (1.0 - w) + ab_wide[:, row1[rows]] * w  # (2, h, T)
+        lab = torch.cat(
+            (torch.from_numpy(np.ascontiguousarray(lightness[rows]))[None], ab_rows), dim=0
+        )
+        if output.dtype == np.uint8:  # a table lookup, not a power curve
+            linear = lab_to_linear_rgb_keep_lightness(lab).permute(1, 2, 0)  # (h, T, 3)
             output[rows] = linear_to_srgb8(linear)
             continue
-        rgb = lab_to_rgb_keep_lightness(lab).permute(1, 2, 0).numpy()  # (h, W, 3) in [0, 1]
+        rgb = lab_to_rgb_keep_lightness(lab).permute(1, 2, 0).numpy()  # (h, T, 3) in [0, 1]
         output[rows] = rgb if peak == 0.0 else np.rint(rgb * peak)
-    return output
 
 
 def colorize_image(

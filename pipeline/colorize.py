@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.attempts import start_attempt_ledger
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.listing import list_images
 from pipeline.manifest import read_manifest
@@ -398,6 +399,10 @@ def run_colorize(
         # Resolved once Ray is up, so the run summary records what ran.
         actors = colorizer_pool_size(config, ray.cluster_resources(), listing.num_rows)
         config = replace(config, actors=actors)
+        # Counts the starts of scans in flight, so that one that kills its worker is tried
+        # once more in isolation and then failed, instead of being retried forever.
+        ledger = start_attempt_ledger()
+        options = replace(options, attempt_ledger=ledger)
         try:
             for start in range(0, listing.num_rows, config.rows_per_execution):
                 chunk = listing.slice(start, config.rows_per_execution)
@@ -411,6 +416,8 @@ def run_colorize(
             if outage is None:
                 raise
             raise _stopped_by_storage(outage, writer, state) from None
+        finally:
+            ray.kill(ledger)
     writer.flush()
     elapsed = time.perf_counter() - clock
     summary = RunSummary(

@@ -1,49 +1,71 @@
 """Decode scans robustly: whatever Pillow can open, reduced to grey or RGB samples.
 
 Archives hold 16-bit greyscale TIFFs, bilevel scans, palette GIFs, CMYK JPEGs, EXIF-rotated
-camera copies and the odd corrupt file. Everything here either returns a DecodedImage with
-orientation applied and samples as uint8 or uint16 (16-bit stays 16-bit, scaled, never
-clipped), or raises DecodeError naming the problem; it never returns half an image.
+camera copies and the odd corrupt or hostile file. Everything here either returns a
+DecodedImage with orientation applied and samples as uint8 or uint16 (16-bit stays 16-bit,
+scaled, never clipped), or raises DecodeError naming the problem; it never returns half an
+image, and no other exception leaves ``decode_image``.
+
+Metadata is carried over only where it is valid: EXIF that cannot be written back, an
+orientation outside 1-8 or an implausible resolution is dropped (only the faulty part where
+possible) and said in ``notes``; the pixels are still coloured.
+
+Work is bounded before the decoder starts: files whose header declares far more pixels than
+their bytes can hold (``ImplausibleSize``) and progressive JPEGs with more scans than any
+encoder writes (``DecodeBudgetExceeded``) are refused from their headers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import re
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 # 300 megapixels: above any flatbed or camera scan (a 10,000 × 30,000 panorama), below what
-# would exhaust a worker. Pillow's own default (179 MP hard limit) refuses real archive scans.
+# would exhaust a worker. The one pixel limit: Pillow's own bomb check (179 MP) is off during
+# decode, or it would refuse real archive scans at open or at load.
 DEFAULT_MAX_PIXELS = 300_000_000
 
-# What a malformed file makes Pillow's plugins raise; anything else is a bug and propagates.
-_DECODE_ERRORS = (
-    UnidentifiedImageError,
-    Image.DecompressionBombError,
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    struct.error,
-    IndexError,
-)
+# Progressive JPEG scans, at most. Each scan is a pass over every coefficient, so a file of
+# 20,000 tiny scans costs minutes to decode (seen: 726 KB, ~50 s). libjpeg's default script
+# writes 10 scans (6 for grey); one scan per coefficient and component is 192.
+MAX_JPEG_SCANS = 256
+# A Huffman-coded JPEG spends at least one bit on every 8×8 luma block (its DC difference),
+# so a complete one holds at most 512 pixels a byte (a blank page, optimised, is ~256).
+_JPEG_MAX_PIXELS_PER_BYTE = 512
+# Deflate cannot compress better than 1032:1 (a 258-byte match in two bits per symbol), so a
+# PNG smaller than its raw rows / 1032 is truncated or lies about its size.
+_DEFLATE_MAX_RATIO = 1032
+# Scanners resolve at most a few thousand dpi (microfilm: ~10,000); beyond this it is noise.
+_MAX_DPI = 100_000.0
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _COLOUR_MODES_TO_RGB = ("RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA", "La")
-
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_declared_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR chunk, or None when ``data`` is not a PNG."""
-    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 24:
-        return None
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+_ORIENTATION = ExifTags.Base.Orientation
+_SUB_IFDS = (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo)
+# EXIF orientation -> the transpose that shows the picture upright (as ImageOps does).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Formats whose Pillow reader applies the orientation itself, size included (libtiff).
+_ORIENTED_BY_READER = ("TIFF",)
 
 
 class DecodeError(ValueError):
@@ -116,6 +138,207 @@ def _samples(image: Image.Image) -> np.ndarray:
     raise DecodeError(f"unsupported image mode {mode!r}", error_type="UnsupportedMode")
 
 
+# --- header checks: refuse from the first bytes what would cost minutes or gigabytes ------
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
+    if data[:8] != _PNG_SIGNATURE or len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour
+
+
+def _jpeg_scans(data: bytes) -> tuple[int, bool]:
+    """(progressive scans, arithmetic-coded) of a JPEG; scans counted from the first SOS.
+
+    Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so every
+    0xFFDA after the first scan's header is a real start-of-scan.
+    """
+    first = data.find(b"\xff\xda")
+    scans = 0 if first < 0 else 1 + len(re.findall(b"\xff\xda", data[first + 2 :]))
+    # SOF9-SOF15 (but not DHT's 0xC4, JPG's 0xC8, DAC's 0xCC) are arithmetic-coded frames.
+    arithmetic = re.search(b"\xff[\xc9\xca\xcb\xcd\xce\xcf]", data[: first if first > 0 else None])
+    return scans, arithmetic is not None
+
+
+def _check_declared_size(data: bytes, image_format: str, width: int, height: int) -> None:
+    """Refuse a file whose header declares more pixels than its bytes could ever encode."""
+    pixels = width * height
+    if image_format == "PNG" and (header := _png_header(data)) is not None:
+        _, _, depth, colour = header
+        row_bytes = 1 + math.ceil(width * _PNG_CHANNELS.get(colour, 1) * max(depth, 1) / 8)
+        needed = height * row_bytes // _DEFLATE_MAX_RATIO
+        if len(data) < needed:
+            raise DecodeError(
+                f"its header declares {width}×{height} pixels, which need at least "
+                f"{needed:,} bytes of PNG data; the file has {len(data):,} (truncated, or a "
+                "false header)",
+                error_type="ImplausibleSize",
+            )
+    if image_format in ("JPEG", "MPO"):
+        scans, arithmetic = _jpeg_scans(data)
+        if scans > MAX_JPEG_SCANS:
+            raise DecodeError(
+                f"progressive JPEG with {scans:,} scans; more than {MAX_JPEG_SCANS} would make "
+                "its decode cost grow without bound, and no encoder writes that many",
+                error_type="DecodeBudgetExceeded",
+            )
+        needed = pixels // _JPEG_MAX_PIXELS_PER_BYTE
+        if not arithmetic and len(data) < needed:
+            raise DecodeError(
+                f"its header declares {width}×{height} pixels, which need at least "
+                f"{needed:,} bytes of JPEG data; the file has {len(data):,} (truncated, or a "
+                "false header)",
+                error_type="ImplausibleSize",
+            )
+
+
+# --- metadata: keep what is valid, say what was dropped ------------------------------------
+
+
+def _serialises(exif: Image.Exif) -> bool:
+    try:
+        exif.tobytes()
+    except Exception:  # Pillow raises many types for one unwritable tag
+        return False
+    return True
+
+
+def _tag_name(tag: int) -> str:
+    try:
+        return ExifTags.TAGS.get(tag) or ExifTags.GPSTAGS.get(tag) or f"0x{tag:04X}"
+    except TypeError:
+        return repr(tag)
+
+
+def _writable_sub_ifd(exif: Image.Exif, tag: int, dropped: list[str]) -> dict[int, Any]:
+    """The entries of the Exif or GPS sub-IFD ``tag`` that serialise; names the others."""
+    try:
+        entries = dict(exif.get_ifd(tag))
+    except Exception:
+        dropped.append(_tag_name(tag))
+        return {}
+    kept = {}
+    for sub_tag, sub_value in entries.items():
+        probe = Image.Exif()
+        probe[tag] = {sub_tag: sub_value}
+        if _serialises(probe):
+            kept[sub_tag] = sub_value
+        else:
+            dropped.append(_tag_name(sub_tag))
+    return kept
+
+
+def _writable_exif(exif: Image.Exif, notes: list[str]) -> bytes | None:
+    """The source's EXIF as bytes to embed, orientation reset; faulty tags dropped, noted.
+
+    Pillow reads EXIF that it cannot write back (a ResolutionUnit of 70,000, a string
+    resolution, a sub-IFD at a negative offset): such tags are left out one by one, and
+    everything that does serialise is kept.
+    """
+    try:
+        if _ORIENTATION in exif:
+            exif[_ORIENTATION] = 1  # orientation already applied to the pixels
+        if not exif:
+            return None
+        return exif.tobytes()
+    except Exception:  # rebuilt tag by tag below
+        pass
+    clean, dropped = Image.Exif(), []
+    try:
+        items = list(exif.items())
+    except Exception:
+        notes.append("EXIF dropped: it cannot be read back")
+        return None
+    for tag, value in items:
+        if tag in _SUB_IFDS:
+            kept = _writable_sub_ifd(exif, tag, dropped)
+            if kept:
+                clean[tag] = kept
+            continue
+        probe = Image.Exif()
+        probe[tag] = value
+        if _serialises(probe):
+            clean[tag] = value
+        else:
+            dropped.append(_tag_name(tag))
+    if dropped:
+        notes.append(f"EXIF tags dropped (not writable as found): {', '.join(dropped[:20])}")
+    if not clean or not _serialises(clean):
+        if clean:
+            notes.append("EXIF dropped: it cannot be written back")
+        return None
+    return clean.tobytes()
+
+
+def _orientation(exif: Image.Exif | None, notes: list[str]) -> int:
+    if exif is None:
+        return 1
+    try:
+        value = exif.get(_ORIENTATION, 1)
+    except Exception:
+        value = None
+    if isinstance(value, int) and 1 <= value <= 8:
+        return value
+    notes.append(f"EXIF orientation {value!r} is not 1-8: shown as stored")
+    return 1
+
+
+def _dpi(value: Any, notes: list[str]) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        x = y = math.nan
+    # TIFF writers often store 1×1 "dpi" meaning "unknown"; no scan is 1 dpi.
+    if math.isfinite(x) and math.isfinite(y) and min(x, y) > 1 and max(x, y) <= _MAX_DPI:
+        return (x, y)
+    if not (math.isfinite(x) and math.isfinite(y) and max(x, y) <= 1):
+        notes.append(f"resolution {value!r} dpi dropped: not a plausible scan resolution")
+    return None
+
+
+def _page_count(image: Image.Image, notes: list[str]) -> int:
+    """Frames in the file. Counting reads every page header; a damaged later page (or
+    next-page pointer) must not cost the first page, which is all we colour."""
+    try:
+        return max(1, int(getattr(image, "n_frames", 1)))
+    except Exception as err:
+        notes.append(f"page count unknown (a later page is damaged: {type(err).__name__})")
+        return 1
+    finally:
+        with contextlib.suppress(Exception):  # the first page stays where open() put it
+            image.seek(0)
+
+
+def _upright(
+    image_format: str, orientation: int, width: int, height: int
+) -> tuple[Image.Transpose | None, tuple[int, int]]:
+    """The transpose still to apply, and the (width, height) of the upright picture."""
+    if image_format in _ORIENTED_BY_READER:
+        # The reader turns the pixels and already reports the turned size: turning them (or
+        # swapping the size) again would be wrong.
+        return None, (width, height)
+    # Orientations 5-8 turn the picture by 90°: width and height swap.
+    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return _TRANSPOSE.get(orientation), size
+
+
+@contextlib.contextmanager
+def _pillow_unlimited() -> Iterator[None]:
+    """Pillow's process-wide bomb limit off: our own max_pixels is the one limit."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def decode_image(
     data: bytes,
     *,
@@ -132,20 +355,16 @@ def decode_image(
             needed. Other formats decode at full size.
 
     Raises:
-        DecodeError: the bytes are not a decodable image, or it is too large.
+        DecodeError: the bytes are not a decodable image, it is too large, or it would cost
+            more than any real scan to decode. Nothing else: whatever a malformed file makes
+            Pillow raise becomes a DecodeError named after it.
     """
     if not data:
         raise DecodeError("file is empty", error_type="EmptyFile")
+    notes: list[str] = []
     try:
-        with warnings.catch_warnings():
-            # Our own max_pixels check replaces Pillow's process-wide bomb heuristics.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                image = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous_limit
+        with _pillow_unlimited():
+            image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise DecodeError(
@@ -158,47 +377,59 @@ def decode_image(
                     f"image has no pixels ({width}×{height})", error_type="EmptyImage"
                 )
             source_format = image.format or "unknown"
+            _check_declared_size(data, source_format, width, height)
             source_mode = image.mode
-            pages = int(getattr(image, "n_frames", 1))
-            orientation = image.getexif().get(0x0112, 1)
-            # Orientations 5-8 turn the picture by 90°: width and height swap.
-            full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            pages = _page_count(image, notes)
+            try:
+                exif: Image.Exif | None = image.getexif()
+            except Exception as err:
+                exif = None
+                notes.append(f"EXIF dropped: unreadable ({type(err).__name__})")
+            transpose, full_size = _upright(source_format, _orientation(exif, notes), width, height)
             if draft_size and source_format == "JPEG":
                 image.draft(image.mode, (draft_size, draft_size))
             image.load()
-            exif = image.getexif()
-            dpi = image.info.get("dpi")
-            image = ImageOps.exif_transpose(image)
+            dpi = _dpi(image.info.get("dpi"), notes)
+            if transpose is not None:
+                image = image.transpose(transpose)
             pixels = _samples(image)
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
         # Pillow refuses any image with a zero side before our size check can see it, and
         # says only "cannot identify"; a PNG header that declares no pixels is worth naming.
-        declared = _png_declared_size(data)
-        if declared is not None and 0 in declared:
+        header = _png_header(data)
+        if header is not None and 0 in header[:2]:
             raise DecodeError(
-                f"image has no pixels (its PNG header declares {declared[0]}×{declared[1]})",
+                f"image has no pixels (its PNG header declares {header[0]}×{header[1]})",
                 error_type="EmptyImage",
             ) from err
         raise DecodeError(
             f"not an image format this installation can read (file starts with {data[:12]!r})",
             error_type=type(err).__name__,
         ) from err
-    except _DECODE_ERRORS as err:
-        raise DecodeError(f"cannot decode: {err}", error_type=type(err).__name__) from err
-    notes = (f"multi-page file: first of {pages} pages used",) if pages > 1 else ()
-    if exif:
-        exif[0x0112] = 1  # orientation already applied to the pixels
+    except MemoryError as err:
+        raise DecodeError(
+            "not enough memory to decode this image", error_type="OutOfMemory"
+        ) from err
+    except Exception as err:  # any reader error is this file's, not the run's
+        # Pillow's plugins raise OSError, ValueError, SyntaxError, EOFError, struct.error,
+        # IndexError, TypeError, KeyError, NotImplementedError... for malformed files.
+        raise DecodeError(
+            f"cannot decode: {err}" if str(err) else f"cannot decode ({type(err).__name__})",
+            error_type=type(err).__name__,
+        ) from err
+    if pages > 1:
+        notes.insert(0, f"multi-page file: first of {pages} pages used")
+    exif_bytes = _writable_exif(exif, notes) if exif is not None else None
     return DecodedImage(
         pixels=pixels,
         format=source_format,
         mode=source_mode,
         bits=_bits_for(source_mode),
         pages=pages,
-        exif=exif.tobytes() if exif else None,
-        # TIFF writers often store 1×1 "dpi" meaning "unknown"; no scan is 1 dpi.
-        dpi=(float(dpi[0]), float(dpi[1])) if dpi and min(dpi) > 1 else None,
+        exif=exif_bytes,
+        dpi=dpi,
         full_size=full_size,
-        notes=notes,
+        notes=tuple(notes),
     )

@@ -17,8 +17,8 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from models.colorize import (
 )
 from models.colorize import predict_ab as predict_ab_batch
 from models.metrics import colorfulness
+from pipeline import attempts
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipeline.model_store import load_model
 from pipeline.provenance import Provenance, encode_png, redact_uri
@@ -73,6 +74,14 @@ class StageOptions:
     # Credentials for S3-compatible stores when not in the workers' environment; never
     # written to the manifest, the run summary or a log line.
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    # The run's AttemptLedger actor (pipeline.attempts): scans that killed their worker are
+    # retried once in a child process, then failed. None (plain loops, tests): no counting.
+    attempt_ledger: Any = field(default=None, repr=False, compare=False)
+    max_attempts: int = attempts.DEFAULT_MAX_ATTEMPTS
+
+
+# The honest name for an error no check foresaw: a bug, or a file stranger than any we know.
+UNEXPECTED_ERROR = "UnexpectedError"
 
 
 def _error_fields(error: BaseException, error_type: str | None = None) -> dict[str, Any]:
@@ -80,8 +89,20 @@ def _error_fields(error: BaseException, error_type: str | None = None) -> dict[s
     return {
         "status": STATUS_FAILED,
         "error_type": error_type or getattr(error, "error_type", None) or type(error).__name__,
-        "error_message": message[:2000],
+        "error_message": " ".join(message.split())[:2000],  # one line, whatever the source
     }
+
+
+def _unexpected_fields(error: Exception, stage: str, source_uri: str) -> dict[str, Any]:
+    """A failed row for an error no check names; its traceback goes to the worker's log."""
+    logger.error("%s of %s failed unexpectedly", stage, redact_uri(source_uri), exc_info=error)
+    return _error_fields(
+        RuntimeError(
+            f"{type(error).__name__} in {stage}: {error} (traceback in the worker log on "
+            f"{socket.gethostname()})"
+        ),
+        UNEXPECTED_ERROR,
+    )
 
 
 def _restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,10 +123,9 @@ def _restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]:
-    """Read, hash and decode one listed input; the model-size L, or the reason it failed."""
-    started = time.time()
-    out: dict[str, Any] = {
+def _prepared_fields(options: StageOptions, started: float) -> dict[str, Any]:
+    """prepare_one's output before anything is known: an ok row with no source fields."""
+    return {
         "started_at": started,
         "status": STATUS_OK,
         "error_type": None,
@@ -120,7 +140,14 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
         "notes": None,
         "data": b"",
         "l_model": np.zeros((1, options.image_size, options.image_size), np.float32),
+        "decode_s": 0.0,
     }
+
+
+def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]:
+    """Read, hash and decode one listed input; the model-size L, or the reason it failed."""
+    started = time.time()
+    out = _prepared_fields(options, started)
     if row.get("listing_error"):
         # Known unreadable from the listing alone (a name the manifest cannot hold as it is).
         out.update(
@@ -138,6 +165,7 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
         if data is None:  # read_bytes raises for a missing file; this keeps type checkers sure
             raise FileNotFoundError(row["source_uri"])
         out["source_sha256"] = hashlib.sha256(data).hexdigest()
+        attempts.crash_if_asked(out["source_sha256"])
         out["source_size"] = len(data)
         decoded = decode_image(data, max_pixels=options.max_pixels, draft_size=options.image_size)
         out.update(
@@ -162,6 +190,12 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
         out.update(_error_fields(err, "SourceMissing"))
     except _IO_ERRORS as err:
         out.update(_error_fields(err, "SourceUnreadable"))
+    except MemoryError as err:
+        out.update(_error_fields(err, "OutOfMemory"))
+    except Exception as err:  # the failure boundary: one scan's error never stops the run
+        out.update(_unexpected_fields(err, "prepare", str(row.get("source_uri"))))
+    if out["status"] != STATUS_OK:
+        out["data"] = b""  # a failed scan's bytes need not travel to the model and back
     out["decode_s"] = time.time() - started
     return out
 
@@ -221,12 +255,32 @@ class Colorizer:
         infer_s = np.zeros(count, np.float64)
         if ok.any():
             started = time.perf_counter()
-            ab[ok] = self.predict(batch["l_model"][ok])
-            infer_s[ok] = (time.perf_counter() - started) / int(ok.sum())
+            try:
+                ab[ok] = self.predict(batch["l_model"][ok])
+            except Exception as err:  # e.g. a device out of memory: fail rows, not the run
+                logger.error("model failed on a batch of %d", int(ok.sum()), exc_info=err)
+                batch = _fail_rows(batch, ok, err)
+                ok = np.zeros(count, dtype=bool)
+            infer_s[ok] = (time.perf_counter() - started) / max(1, int(ok.sum()))
         out = {key: value for key, value in batch.items() if key != "l_model"}
         out["ab"] = ab
         out["infer_s"] = infer_s
         return out
+
+
+def _fail_rows(
+    batch: dict[str, np.ndarray], rows: np.ndarray, error: Exception
+) -> dict[str, np.ndarray]:
+    """The batch with ``rows`` marked failed by the model stage's ``error``."""
+    fields = _error_fields(
+        RuntimeError(f"{type(error).__name__} in the model: {error}"), "ModelError"
+    )
+    batch = dict(batch)
+    for column, value in fields.items():
+        values = np.array(batch[column], dtype=object)
+        values[rows] = value
+        batch[column] = values
+    return batch
 
 
 def cpu_has_native_bf16() -> bool:
@@ -291,13 +345,9 @@ def _sampled(rgb: np.ndarray) -> np.ndarray:
     return rgb[::stride, ::stride]
 
 
-def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) -> dict[str, Any]:
-    """Full-resolution colour for one prepared input; returns its manifest fields.
-
-    ``row`` holds prepare_one's fields plus ``output_path`` (relative to DST/images).
-    """
-    started = time.time()
-    result: dict[str, Any] = {
+def _finalized_fields(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]:
+    """finalize_one's output before any work: the row's status, no output yet."""
+    return {
         "status": row["status"],
         "error_type": row["error_type"],
         "error_message": row["error_message"],
@@ -310,11 +360,31 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
         "model_id": options.model_id,
         "model_sha256": options.model_sha256,
         "worker": socket.gethostname(),
+        "finalize_s": 0.0,
+        "finished_at": time.time(),
     }
+
+
+def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) -> dict[str, Any]:
+    """Full-resolution colour for one prepared input; returns its manifest fields.
+
+    ``row`` holds prepare_one's fields plus ``output_path`` (relative to DST/images).
+    """
+    started = time.time()
+    result = _finalized_fields(row, options)
     if row["status"] == STATUS_OK:
-        output_uri = join(options.dst, "images", str(row["output_path"]))
         try:
+            output_uri = join(options.dst, "images", str(row["output_path"]))
             decoded = decode_image(bytes(row["data"]), max_pixels=options.max_pixels)
+            expected = (row.get("source_width"), row.get("source_height"))
+            if (decoded.width, decoded.height) != expected:
+                # The model input and the manifest were made from that size: never write an
+                # output whose geometry disagrees with its own row.
+                raise DecodeError(
+                    f"decoded {decoded.width}×{decoded.height}, but the scan was listed as "
+                    f"{expected[0]}×{expected[1]}",
+                    error_type="SizeMismatch",
+                )
             rgb = merge_full_resolution(image_to_lightness(decoded.pixels), ab, dtype=np.uint8)
             provenance = Provenance(
                 source_uri=redact_uri(str(row["source_uri"])),
@@ -352,6 +422,8 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
             result.update(_error_fields(err, "OutOfMemory"))
         except _IO_ERRORS as err:
             result.update(_error_fields(err, "OutputUnwritable"))
+        except Exception as err:  # the failure boundary: one scan's error never stops the run
+            result.update(_unexpected_fields(err, "finalize", str(row.get("source_uri"))))
     result["finalize_s"] = time.time() - started
     result["finished_at"] = time.time()
     return result
@@ -366,10 +438,74 @@ _PREPARED_COLUMNS = (
 )  # fmt: skip
 
 
+def _crashed_fields(how: str, starts: int) -> dict[str, Any]:
+    return {
+        "status": STATUS_FAILED,
+        "error_type": attempts.WORKER_CRASHED,
+        "error_message": (
+            f"the process working on this scan {how} ({starts} starts): a crash in an image "
+            "codec, or the node ran out of memory; the rest of the run went on"
+        ),
+    }
+
+
+def _guarded(
+    stage: str,
+    inputs: list[tuple[Mapping[str, Any], tuple[Any, ...]]],
+    function: Callable[..., dict[str, Any]],
+    options: StageOptions,
+    crashed: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """``function(*args)`` for each (row, args), with the bounded attempts of pipeline.attempts.
+
+    A first start runs here. A scan started before (its worker died) runs in a child process;
+    if that dies too, or the scan has had ``max_attempts`` starts, ``crashed(row, fields)``
+    makes its failed row.
+    """
+    keys = [f"{options.run_id}/{stage}/{row['source_uri']}" for row, _ in inputs]
+    starts = attempts.begin(options.attempt_ledger, keys)
+    results: list[dict[str, Any] | None] = [None] * len(inputs)
+    retried = []
+    for index, ((row, args), count) in enumerate(zip(inputs, starts, strict=True)):
+        if count == 1:
+            results[index] = function(*args)
+        elif count <= options.max_attempts:
+            retried.append(index)
+        else:
+            how = "took its worker down every time"
+            results[index] = crashed(row, _crashed_fields(how, count - 1))
+    if retried:
+        logger.warning("%s: %d scan(s) whose worker died run again in isolation", stage,
+                       len(retried))  # fmt: skip
+        # The child is no Ray worker: it gets the options without the ledger's actor handle.
+        plain = replace(options, attempt_ledger=None)
+        jobs = [(function, (*inputs[i][1][:-1], plain)) for i in retried]
+        isolated = attempts.run_isolated(
+            jobs,
+            lambda job, how: crashed(
+                inputs[retried[job]][0], _crashed_fields(how, starts[retried[job]])
+            ),
+        )
+        for index, result in zip(retried, isolated, strict=True):
+            results[index] = result
+    attempts.end(options.attempt_ledger, keys)
+    return [result for result in results if result is not None]
+
+
 def prepare_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[str, np.ndarray]:
     """Ray Data map_batches wrapper around prepare_one."""
     count = len(batch["source_uri"])
-    rows = [prepare_one({k: v[i] for k, v in batch.items()}, options) for i in range(count)]
+    inputs = []
+    for i in range(count):
+        row = {k: v[i] for k, v in batch.items()}
+        inputs.append((row, (row, options)))
+    rows = _guarded(
+        "prepare",
+        inputs,
+        prepare_one,
+        options,
+        lambda _row, fields: {**_prepared_fields(options, time.time()), **fields},
+    )
     out = dict(batch)
     for column in _PREPARED_COLUMNS:
         out[column] = np.array([r[column] for r in rows], dtype=object)
@@ -384,11 +520,19 @@ def finalize_batch(batch: dict[str, np.ndarray], options: StageOptions) -> dict[
     """Ray Data map_batches wrapper around finalize_one; drops the bytes and arrays."""
     batch = _restore_nulls(batch)
     count = len(batch["source_uri"])
-    rows = []
+    inputs = []
     for i in range(count):
         row = {k: v[i] for k, v in batch.items() if k not in ("ab", "data")}
         row["data"] = batch["data"][i]
-        rows.append({**row, **finalize_one(row, batch["ab"][i], options)})
+        inputs.append((row, (row, batch["ab"][i], options)))
+    results = _guarded(
+        "finalize",
+        inputs,
+        finalize_one,
+        options,
+        lambda row, fields: {**_finalized_fields(row, options), **fields},
+    )
+    rows = [{**row, **result} for (row, _), result in zip(inputs, results, strict=True)]
     return (
         {
             key: np.array([r.get(key) for r in rows], dtype=object)
