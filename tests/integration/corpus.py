@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
+from tests.fuzz import generators as hostile
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -137,6 +139,58 @@ def _more_bad(root: Path, grey: Image.Image) -> list[Entry]:
     return entries
 
 
+def _hostile(root: Path) -> list[Entry]:
+    """One file of every kind the fuzzer found stopping runs (issue 13), as an archive holds it.
+
+    Most are pictures with metadata that cannot be carried over: coloured, the loss noted.
+    """
+    (root / "hostile").mkdir(exist_ok=True)
+    picture = hostile._photo()
+    cases: list[tuple[str, bytes, bool, str | None, str | None]] = []
+    for tag in ("resolution-unit-70000", "string-xresolution", "rational-make",
+                "negative-gps-ifd"):  # fmt: skip
+        block = hostile._exif_block(
+            sorted([hostile._orientation_entry(6), *hostile._BAD_EXIF_TAGS[tag]])
+        )
+        cases.append((f"exif-{tag}.jpg", hostile._save(picture, "JPEG", exif=block), True,
+                      None, "EXIF"))  # fmt: skip
+    tiffs = {case.name: case.data for case in hostile.tiff_cases()}
+    cases += [
+        ("damaged-next-page.tif", tiffs["next-page-past-end"], True, None, None),
+        ("later-page-damaged.tif", tiffs["later-page-no-dimensions"], True, None, None),
+        ("xmp-wrong-type.tif", tiffs["xmp-wrong-type"], True, None, None),
+        ("zero-denominator-dpi.tif", tiffs["xresolution-zero-denominator"], True, None, None),
+        ("rotated-6.tif", tiffs["orientation-6"], True, None, None),
+        ("rotated-7-lzw.tif", tiffs["lzw-orientation-7"], True, None, None),
+    ]
+    pngs = {case.name: case.data for case in hostile.png_cases(scale=0.01)}
+    jpegs = {case.name: case.data for case in hostile.jpeg_cases(scale=0.01)}
+    cases += [
+        ("huge-dpi.png", pngs["phys-huge"], True, None, "resolution"),
+        ("one-by-200000.png", pngs["extreme-tall-1x200000"], True, None, None),
+        ("160000-by-two.png", pngs["extreme-wide-160000x2"], True, None, None),
+        (
+            "declares-17000x17000.jpg",
+            jpegs["declares-17000x17000"],
+            False,
+            "ImplausibleSize",
+            None,
+        ),
+        ("300-scans.jpg", jpegs["progressive-300-scans"], False, "DecodeBudgetExceeded", None),
+    ]
+    entries = []
+    for name, payload, ok, error_type, note in cases:
+        (root / "hostile" / name).write_bytes(payload)
+        entries.append(Entry(f"hostile/{name}", ok=ok, error_type=error_type, note=note))
+    return entries
+
+
+def crash_scan() -> bytes:
+    """A valid scan that the test cluster's workers are told to die on (SIGKILL): the stand-in
+    for a codec segfault or the OOM killer (pipeline.attempts.crash_if_asked)."""
+    return hostile._save(hostile._photo(seed=99), "PNG")
+
+
 def make_corpus(root: Path, *, photos: int = 2) -> list[Entry]:
     """Write the corpus under ``root``; returns what each file is."""
     for folder in ("good", "bad"):
@@ -212,7 +266,7 @@ def make_corpus(root: Path, *, photos: int = 2) -> list[Entry]:
         b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
     )
     entries.append(Entry("bad/drawing.tif", ok=False, error_type="UnidentifiedImageError"))
-    entries += _more_bad(root, _grey(chelsea))
+    entries += [*_more_bad(root, _grey(chelsea)), *_hostile(root)]
 
     # Not listed at all: not an image suffix, or hidden.
     (root / "good" / "README.txt").write_text("scans from box 12\n")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+from tests.integration.corpus import crash_scan
 
 # Logical CPUs, more than the 2 real cores of CI machines: Ray Train's workers, Ray Data's
 # decode/encode tasks and the colorizer actors must all fit at once or a job waits forever.
@@ -25,6 +28,8 @@ def ray_local() -> Iterator[dict[str, object]]:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p
     )
+    # The workers die (SIGKILL) on this one scan, as on a codec segfault (test_reliability).
+    os.environ["CHROMASCAN_TEST_CRASH_SHA256"] = hashlib.sha256(crash_scan()).hexdigest()
     # A short private temp dir: Ray's unix socket paths must stay under 108 bytes, which
     # pytest's nested tmp_path can exceed; and a shared /tmp/ray would mix runs.
     temp_dir = tempfile.mkdtemp(prefix="cs-ray-")

@@ -26,6 +26,7 @@ from pipeline.colorize import ColorizeConfig, Progress, run_colorize
 from pipeline.listing import list_images
 from pipeline.model_store import save_model
 from pipeline.storage import StorageError, StorageUnavailableError
+from tests.integration.corpus import crash_scan
 
 NOT_AN_ARTIFACT = (
     "{path}/model.json: missing; a model artifact needs both model.json and model.safetensors"
@@ -437,3 +438,31 @@ def test_s3_source_down_in_the_workers_stops_the_run_in_one_line(
     assert sorted(p.name for p in (out / "images").iterdir()) == [
         f"scan{index:02d}.png" for index in range(12)
     ]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_scan_that_kills_its_worker_becomes_one_failed_row(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The workers die by SIGKILL on one scan (a codec segfault, the OOM killer): Ray would
+    retry it forever. It is tried once more in a child process of its own, which dies too,
+    and becomes a WorkerCrashed row; the scans in its batch and after it are coloured."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "b-crash.png").write_bytes(crash_scan())
+    for index in range(5):
+        Image.new("L", (48, 32), 40 + 30 * index).save(folder / f"scan{index}.png")
+    dst = tmp_path / "out"
+    summary = run_colorize(
+        ColorizeConfig(src=str(folder), dst=str(dst), model=str(model_dir), actors=1),
+        software="test",
+    )
+    assert (summary.listed, summary.ok, summary.failed) == (6, 5, 1)
+    rows = {row["relative_path"]: row for row in pq.read_table(dst / "manifest").to_pylist()}
+    assert len(rows) == 6
+    crashed = rows["b-crash.png"]
+    assert crashed["status"] == "failed"
+    assert crashed["error_type"] == "WorkerCrashed"
+    assert "killed by SIGKILL" in crashed["error_message"]
+    assert all(rows[f"scan{i}.png"]["status"] == "ok" for i in range(5))
+    assert summary.error_types == {"WorkerCrashed": 1}
