@@ -299,6 +299,11 @@ def other_cases() -> Iterator[Case]:
         except Exception:  # a codec this Pillow lacks: not a case here
             continue
         yield Case("other", image_format.lower(), data)
+    # Pillow opens a DDS whose pixel-format flags it does not know, then cannot decode it
+    # (NotImplementedError, which no list of "decode errors" used to name).
+    dds = bytearray(_save(rgb.convert("RGBA"), "DDS"))
+    dds[80:84] = struct.pack("<I", 0x80000000)
+    yield Case("other", "dds-unknown-pixel-format", bytes(dds), error_type="NotImplementedError")
     yield Case("other", "text", b"not an image at all\n" * 10)
     yield Case("other", "zeros", bytes(4096))
     yield Case("other", "svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>')
