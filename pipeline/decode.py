@@ -24,11 +24,13 @@ import re
 import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+from pipeline.rights import SourceMetadata, read_source_metadata
 
 # 300 megapixels: above any flatbed or camera scan (a 10,000 × 30,000 panorama), below what
 # would exhaust a worker. The one pixel limit: Pillow's own bomb check (179 MP) is off during
@@ -64,8 +66,6 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# Formats whose Pillow reader applies the orientation itself, size included (libtiff).
-_ORIENTED_BY_READER = ("TIFF",)
 
 
 class DecodeError(ValueError):
@@ -87,6 +87,7 @@ class DecodedImage:
     dpi: tuple[float, float] | None
     full_size: tuple[int, int]  # (width, height) at full scale after orientation
     notes: tuple[str, ...] = ()  # what a reader of the manifest should know, e.g. pages dropped
+    metadata: SourceMetadata = field(default_factory=SourceMetadata)  # rights XMP, IPTC-IIM
 
     @property
     def width(self) -> int:
@@ -313,17 +314,57 @@ def _page_count(image: Image.Image, notes: list[str]) -> int:
             image.seek(0)
 
 
-def _upright(
-    image_format: str, orientation: int, width: int, height: int
-) -> tuple[Image.Transpose | None, tuple[int, int]]:
-    """The transpose still to apply, and the (width, height) of the upright picture."""
-    if image_format in _ORIENTED_BY_READER:
-        # The reader turns the pixels and already reports the turned size: turning them (or
-        # swapping the size) again would be wrong.
-        return None, (width, height)
-    # Orientations 5-8 turn the picture by 90°: width and height swap.
-    size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    return _TRANSPOSE.get(orientation), size
+def _metadata(image: Image.Image, notes: list[str]) -> SourceMetadata:
+    """The source's XMP and IPTC-IIM; a reader that chokes on them costs only the metadata."""
+    try:
+        return read_source_metadata(image, notes)
+    except Exception as err:
+        notes.append(f"source XMP and IPTC dropped: unreadable ({type(err).__name__})")
+        return SourceMetadata()
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open, then the checks that need only the header: size limits and plausibility."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"{width}×{height} = {width * height / 1e6:.0f} MP exceeds the limit of "
+            f"{max_pixels / 1e6:.0f} MP",
+            error_type="ImageTooLarge",
+        )
+    if width == 0 or height == 0:
+        raise DecodeError(f"image has no pixels ({width}×{height})", error_type="EmptyImage")
+    _check_declared_size(data, image.format or "unknown", width, height)
+    return image
+
+
+def _load_upright(
+    image: Image.Image, draft_size: int | None, notes: list[str]
+) -> tuple[np.ndarray, Image.Exif | None, tuple[int, int], Any]:
+    """(samples upright, EXIF, full upright size, dpi) of an opened image."""
+    width, height = image.size
+    drafted = bool(draft_size) and image.format == "JPEG"
+    if drafted:
+        image.draft(image.mode, (draft_size, draft_size))
+    image.load()
+    # Read after load: some readers (TIFF) turn the pixels upright while loading, by the
+    # TIFF tag or an XMP tiff:Orientation, and then drop the tag themselves.
+    try:
+        exif: Image.Exif | None = image.getexif()
+    except Exception as err:
+        exif = None
+        notes.append(f"EXIF dropped: unreadable ({type(err).__name__})")
+    orientation = _orientation(exif, notes)
+    dpi = _dpi(image.info.get("dpi"), notes)
+    if (transpose := _TRANSPOSE.get(orientation)) is not None:
+        image = image.transpose(transpose)
+    pixels = _samples(image)
+    if drafted:  # decoded at 1/2-1/8 scale: the full size is the header's, upright
+        full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    else:  # the pixels themselves are the truth, whoever turned them
+        full_size = (pixels.shape[1], pixels.shape[0])
+    return pixels, exif, full_size, dpi
 
 
 @contextlib.contextmanager
@@ -364,35 +405,12 @@ def decode_image(
     notes: list[str] = []
     try:
         with _pillow_unlimited():
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"{width}×{height} = {width * height / 1e6:.0f} MP exceeds the limit of "
-                    f"{max_pixels / 1e6:.0f} MP",
-                    error_type="ImageTooLarge",
-                )
-            if width == 0 or height == 0:
-                raise DecodeError(
-                    f"image has no pixels ({width}×{height})", error_type="EmptyImage"
-                )
+            image = _open_checked(data, max_pixels)
             source_format = image.format or "unknown"
-            _check_declared_size(data, source_format, width, height)
             source_mode = image.mode
             pages = _page_count(image, notes)
-            try:
-                exif: Image.Exif | None = image.getexif()
-            except Exception as err:
-                exif = None
-                notes.append(f"EXIF dropped: unreadable ({type(err).__name__})")
-            transpose, full_size = _upright(source_format, _orientation(exif, notes), width, height)
-            if draft_size and source_format == "JPEG":
-                image.draft(image.mode, (draft_size, draft_size))
-            image.load()
-            dpi = _dpi(image.info.get("dpi"), notes)
-            if transpose is not None:
-                image = image.transpose(transpose)
-            pixels = _samples(image)
+            metadata = _metadata(image, notes)
+            pixels, exif, full_size, dpi = _load_upright(image, draft_size, notes)
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
@@ -432,4 +450,5 @@ def decode_image(
         dpi=dpi,
         full_size=full_size,
         notes=tuple(notes),
+        metadata=metadata,
     )

@@ -18,6 +18,9 @@ import numpy as np
 from PIL import Image, ImageCms
 from PIL.PngImagePlugin import PngInfo
 
+from pipeline import rights
+from pipeline.rights import SourceMetadata
+
 DIGITAL_SOURCE_TYPE = (
     "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 )
@@ -31,6 +34,8 @@ class Provenance:
     source_sha256: str
     model_id: str
     software: str  # "chromascan 0.1.0"
+    # The source's own descriptive and rights metadata (XMP, IPTC-IIM), carried over.
+    source: SourceMetadata | None = None
 
 
 def redact_uri(uri: str) -> str:
@@ -61,10 +66,38 @@ def srgb_icc_profile() -> bytes:
 
 
 def xmp_packet(provenance: Provenance) -> str:
+    """Our XMP: the AI-colourised labelling, the derivation link, and the source's own
+    descriptive and rights properties (pipeline.rights) carried over."""
     source = redact_uri(provenance.source_uri)
-    description = (
+    statement = (
         f"AI-colourised derivative of {source} by {provenance.model_id}; "
         "the black-and-white scan is the master."
+    )
+    carried = rights.carried_properties(provenance.source) if provenance.source else []
+    # The source's dc:description describes the photograph: it wins, and our statement moves
+    # to a property of our own (one dc:description per resource).
+    own_description = not any(e.tag == f"{{{rights.DC}}}description" for e in carried)
+    derived_from = (
+        '   <xmpMM:DerivedFrom rdf:parseType="Resource">'
+        f"<stRef:filePath>{escape(source)}</stRef:filePath>"
+        + (
+            f"<stRef:documentID>{escape(provenance.source.document_id)}</stRef:documentID>"
+            if provenance.source and provenance.source.document_id
+            else ""
+        )
+        + (
+            f"<stRef:instanceID>{escape(provenance.source.instance_id)}</stRef:instanceID>"
+            if provenance.source and provenance.source.instance_id
+            else ""
+        )
+        + "</xmpMM:DerivedFrom>\n"
+    )
+    description = (
+        "   <dc:description><rdf:Alt>"
+        f'<rdf:li xml:lang="x-default">{escape(statement)}</rdf:li>'
+        "</rdf:Alt></dc:description>\n"
+        if own_description
+        else ""
     )
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
@@ -74,16 +107,18 @@ def xmp_packet(provenance: Provenance) -> str:
         '    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"\n'
         '    xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
         '    xmlns:xmp="http://ns.adobe.com/xap/1.0/"\n'
+        '    xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/"\n'
+        '    xmlns:stRef="http://ns.adobe.com/xap/1.0/sType/ResourceRef#"\n'
         f'    xmlns:chromascan="{XMP_NAMESPACE}"\n'
         f"    Iptc4xmpExt:DigitalSourceType={quoteattr(DIGITAL_SOURCE_TYPE)}\n"
         f"    xmp:CreatorTool={quoteattr(provenance.software)}\n"
         f"    chromascan:ModelId={quoteattr(provenance.model_id)}\n"
         f"    chromascan:SourceURI={quoteattr(source)}\n"
-        f"    chromascan:SourceSHA256={quoteattr(provenance.source_sha256)}>\n"
-        "   <dc:description><rdf:Alt>"
-        f'<rdf:li xml:lang="x-default">{escape(description)}</rdf:li>'
-        "</rdf:Alt></dc:description>\n"
-        "  </rdf:Description>\n"
+        f"    chromascan:SourceSHA256={quoteattr(provenance.source_sha256)}\n"
+        f"    chromascan:Derivation={quoteattr(statement)}>\n"
+        f"{description}{derived_from}"
+        + (f"   {rights.to_xml(carried)}\n" if carried else "")
+        + "  </rdf:Description>\n"
         " </rdf:RDF>\n"
         "</x:xmpmeta>\n"
         '<?xpacket end="r"?>'

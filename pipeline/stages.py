@@ -391,6 +391,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 source_sha256=str(row["source_sha256"]),
                 model_id=options.model_id,
                 software=options.software,
+                source=decoded.metadata,
             )
             png = encode_png(
                 rgb,
