@@ -61,6 +61,13 @@ ActorCpus = Annotated[int, typer.Option(min=1, help="CPUs (torch threads) per co
 MaxPixels = Annotated[
     int, typer.Option(min=1, help="Scans larger than this (width × height) fail.")
 ]
+Bits = Annotated[
+    str,
+    typer.Option(
+        metavar="8|16|source",
+        help="Output bits per channel; source: 16-bit masters give 16-bit PNGs, others 8-bit.",
+    ),
+]
 AllowFailures = Annotated[
     bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
 ]
@@ -83,6 +90,7 @@ def colorize_command(
     batch_size: BatchSize = 8,
     actor_cpus: ActorCpus = 1,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    bits: Bits = "source",
     limit: Annotated[
         int | None, typer.Option(min=0, help="Colour at most N scans (listing order).")
     ] = None,
@@ -115,7 +123,7 @@ def colorize_command(
         batch_size=batch_size, actor_cpus=actor_cpus, max_pixels=max_pixels, limit=limit,
         precision=precision, png_compress_level=png_level, incremental=incremental,
         retry_failed=retry_failed, any_model=any_model, flush_seconds=flush_seconds,
-        storage_timeout_s=storage_timeout,
+        storage_timeout_s=storage_timeout, bits=bits,
     )  # fmt: skip
 
 
@@ -167,6 +175,7 @@ def nightly_command(
     batch_size: BatchSize = 8,
     actor_cpus: ActorCpus = 1,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    bits: Bits = "source",
     retry_failed: Annotated[
         bool, typer.Option(help="Try scans that failed in earlier runs again.")
     ] = True,
@@ -185,4 +194,5 @@ def nightly_command(
         allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
         actor_cpus=actor_cpus, batch_size=batch_size, max_pixels=max_pixels, incremental=True,
         retry_failed=retry_failed, any_model=any_model, storage_timeout_s=storage_timeout,
+        bits=bits,
     )  # fmt: skip

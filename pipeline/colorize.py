@@ -32,6 +32,7 @@ from pipeline.model_store import load_model
 from pipeline.provenance import redact_uri
 from pipeline.schema import MANIFEST_SCHEMA, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from pipeline.stages import (
+    OUTPUT_BITS,
     Colorizer,
     StageOptions,
     finalize_batch,
@@ -104,6 +105,9 @@ class ColorizeConfig:
     # zlib level of output PNGs. 1 is the default by measurement: against level 6 it encodes
     # 2.5-4x faster (512² photo 21 vs 70 ms; 60 MP scan 4.3 vs 17.7 s) for files 5-20% larger.
     png_compress_level: int = 1
+    # Output bits per channel: "8", "16", or "source" (16 for 16-bit masters, else 8): a
+    # 16-bit master's derivative keeps its tonal range (FADGI, Metamorfoze).
+    bits: str = "source"
     actor_cpus: int = 1  # CPUs each colorizer actor reserves, and its torch threads
     incremental: bool = True  # skip inputs the ledger (DST's manifests) already has done
     retry_failed: bool = True  # incremental: inputs that failed before are tried again
@@ -143,6 +147,8 @@ class ColorizeConfig:
             raise ColorizeError(
                 f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"
             )
+        if self.bits not in OUTPUT_BITS:
+            raise ColorizeError(f"bits must be 8, 16 or source, got {self.bits!r}")
         if not 0 <= self.png_compress_level <= 9:
             raise ColorizeError(f"PNG compression level must be 0-9, got {self.png_compress_level}")
         if not self.storage_timeout_s > 0:
@@ -381,6 +387,7 @@ def run_colorize(
         software=software,
         max_pixels=config.max_pixels,
         png_compress_level=config.png_compress_level,
+        output_bits=config.bits,
         storage_timeout_s=config.storage_timeout_s,
         storage_options=_worker_storage_options(config, storage_options),
     )

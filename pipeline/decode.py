@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import tifffile
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pipeline.rights import SourceMetadata, read_source_metadata
@@ -339,6 +340,39 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+# numpy versions of the EXIF-orientation transposes, for samples Pillow does not hold.
+_NUMPY_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _deep_rgb_tiff(data: bytes, image: Image.Image) -> np.ndarray | None:
+    """A 48-bit RGB TIFF's first page at full depth, upright, or None for any other file.
+
+    Pillow opens 16-bit-per-channel RGB as 8-bit RGB, which would throw away the master's
+    tonal range: tifffile reads the samples as stored, and the orientation is applied here.
+    """
+    if image.format != "TIFF" or image.mode != "RGB":
+        return None
+    if tuple(image.tag_v2.get(258, ())) != (16, 16, 16):
+        return None
+    with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        samples = tiff.pages[0].asarray()
+    if samples.ndim == 3 and samples.shape[0] == 3 and samples.shape[-1] != 3:
+        samples = np.moveaxis(samples, 0, -1)  # planar configuration 2: (3, H, W)
+    if samples.ndim != 3 or samples.shape[-1] != 3 or samples.dtype != np.uint16:
+        return None
+    orientation = image.tag_v2.get(274, 1)
+    upright = _NUMPY_UPRIGHT.get(orientation, lambda a: a)(samples)
+    return np.ascontiguousarray(upright)
+
+
 def _load_upright(
     image: Image.Image, draft_size: int | None, notes: list[str]
 ) -> tuple[np.ndarray, Image.Exif | None, tuple[int, int], Any]:
@@ -410,7 +444,12 @@ def decode_image(
             source_mode = image.mode
             pages = _page_count(image, notes)
             metadata = _metadata(image, notes)
+            deep = _deep_rgb_tiff(data, image)
             pixels, exif, full_size, dpi = _load_upright(image, draft_size, notes)
+            if deep is not None:  # Pillow's 8-bit reading gave the EXIF, dpi and size
+                pixels, bits = deep, 16
+            else:
+                bits = _bits_for(source_mode)
     except DecodeError:
         raise
     except UnidentifiedImageError as err:
@@ -444,7 +483,7 @@ def decode_image(
         pixels=pixels,
         format=source_format,
         mode=source_mode,
-        bits=_bits_for(source_mode),
+        bits=bits,
         pages=pages,
         exif=exif_bytes,
         dpi=dpi,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 from xml.sax.saxutils import escape, quoteattr
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageCms
-from PIL.PngImagePlugin import PngInfo
 
 from pipeline import rights
 from pipeline.rights import SourceMetadata
@@ -125,6 +126,40 @@ def xmp_packet(provenance: Provenance) -> str:
     )
 
 
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _metadata_chunks(
+    provenance: Provenance, exif: bytes | None, dpi: tuple[float, float] | None
+) -> bytes:
+    """iCCP, pHYs, eXIf, tEXt and iTXt chunks: everything an output says about itself."""
+    chunks = [_chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(srgb_icc_profile()))]
+    if dpi:
+        per_metre = [round(value / 0.0254) for value in dpi]
+        chunks.append(_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1)))
+    if exif:
+        chunks.append(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+    for keyword, text in (
+        ("Software", provenance.software),
+        ("Source", redact_uri(provenance.source_uri)),
+        (XMP_KEY, xmp_packet(provenance)),
+    ):
+        chunks.append(_text_chunk(keyword, text, international=keyword == XMP_KEY))
+    return b"".join(chunks)
+
+
+def _text_chunk(keyword: str, text: str, *, international: bool = False) -> bytes:
+    """tEXt when Latin-1 holds the text, else (and for XMP, which readers expect there) iTXt."""
+    if not international:
+        try:
+            return _chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
+        except UnicodeEncodeError:
+            pass  # a source name in another script: UTF-8 in iTXt keeps it as it is
+    # iTXt: keyword, NUL, not compressed, method 0, no language tag, no translated keyword.
+    return _chunk(b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
+
+
 def encode_png(
     rgb: np.ndarray,
     provenance: Provenance,
@@ -133,23 +168,23 @@ def encode_png(
     dpi: tuple[float, float] | None = None,
     compress_level: int = 1,
 ) -> bytes:
-    """(H, W, 3) uint8 sRGB -> PNG bytes with the provenance above embedded."""
-    info = PngInfo()
-    info.add_itxt(XMP_KEY, xmp_packet(provenance), zip=False)
-    info.add_text("Software", provenance.software)
-    info.add_text("Source", redact_uri(provenance.source_uri))
-    options: dict[str, object] = {
-        "pnginfo": info,
-        "icc_profile": srgb_icc_profile(),
-        "compress_level": compress_level,
-    }
-    if exif:
-        options["exif"] = exif
-    if dpi:
-        options["dpi"] = dpi
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", **options)
-    return buffer.getvalue()
+    """(H, W, 3) uint8 or uint16 sRGB -> PNG bytes with the provenance above embedded.
+
+    The pixels are encoded by Pillow (8-bit) or libpng through imagecodecs (16-bit: Pillow
+    writes no 16-bit RGB PNG); the metadata chunks are the same for both, written once here
+    and placed right after IHDR, before the image data, where every reader looks for them.
+    """
+    if rgb.dtype == np.uint16:
+        # Big-endian samples are what PNG stores; imagecodecs takes native arrays.
+        png = imagecodecs.png_encode(np.ascontiguousarray(rgb), level=compress_level)
+    elif rgb.dtype == np.uint8:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG", compress_level=compress_level)
+        png = buffer.getvalue()
+    else:
+        raise ValueError(f"PNG output must be uint8 or uint16, got {rgb.dtype}")
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length + type, IHDR data, CRC
+    return png[:ihdr_end] + _metadata_chunks(provenance, exif, dpi) + png[ihdr_end:]
 
 
 def read_png_provenance(data: bytes) -> dict[str, object]:

@@ -70,6 +70,7 @@ class StageOptions:
     software: str
     max_pixels: int = DEFAULT_MAX_PIXELS
     png_compress_level: int = 1
+    output_bits: str = "source"  # "8", "16", or "source": 16 for 16-bit masters, else 8
     storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per read/write, +1 s per MiB
     # Credentials for S3-compatible stores when not in the workers' environment; never
     # written to the manifest, the run summary or a log line.
@@ -78,6 +79,16 @@ class StageOptions:
     # retried once in a child process, then failed. None (plain loops, tests): no counting.
     attempt_ledger: Any = field(default=None, repr=False, compare=False)
     max_attempts: int = attempts.DEFAULT_MAX_ATTEMPTS
+
+
+OUTPUT_BITS = ("8", "16", "source")
+
+
+def output_dtype(output_bits: str, source_bits: int) -> type[np.unsignedinteger]:
+    """The output's sample type: a 16-bit (or deeper) master keeps 16 bits under "source"."""
+    if output_bits == "16" or (output_bits == "source" and source_bits >= 16):
+        return np.uint16
+    return np.uint8
 
 
 # The honest name for an error no check foresaw: a bug, or a file stranger than any we know.
@@ -356,6 +367,7 @@ def _finalized_fields(row: Mapping[str, Any], options: StageOptions) -> dict[str
         "output_size": None,
         "output_width": None,
         "output_height": None,
+        "output_bits": None,
         "colorfulness": None,
         "model_id": options.model_id,
         "model_sha256": options.model_sha256,
@@ -385,7 +397,8 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                     f"{expected[0]}×{expected[1]}",
                     error_type="SizeMismatch",
                 )
-            rgb = merge_full_resolution(image_to_lightness(decoded.pixels), ab, dtype=np.uint8)
+            depth = output_dtype(options.output_bits, decoded.bits)
+            rgb = merge_full_resolution(image_to_lightness(decoded.pixels), ab, dtype=depth)
             provenance = Provenance(
                 source_uri=redact_uri(str(row["source_uri"])),
                 source_sha256=str(row["source_sha256"]),
@@ -412,6 +425,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 output_size=len(png),
                 output_height=rgb.shape[0],
                 output_width=rgb.shape[1],
+                output_bits=16 if depth == np.uint16 else 8,
                 colorfulness=colorfulness(_sampled(rgb)),
             )
         except StorageUnavailableError:
