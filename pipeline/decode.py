@@ -31,6 +31,8 @@ import numpy as np
 import tifffile
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from models.colorize import image_to_lightness
+from pipeline.icc import Managed, grey_levels, manage_colour
 from pipeline.rights import SourceMetadata, read_source_metadata
 
 # 300 megapixels: above any flatbed or camera scan (a 10,000 × 30,000 panorama), below what
@@ -89,6 +91,16 @@ class DecodedImage:
     full_size: tuple[int, int]  # (width, height) at full scale after orientation
     notes: tuple[str, ...] = ()  # what a reader of the manifest should know, e.g. pages dropped
     metadata: SourceMetadata = field(default_factory=SourceMetadata)  # rights XMP, IPTC-IIM
+    icc_description: str | None = None  # the embedded ICC profile's name (applied if usable)
+    # L* (H, W) float32 from the profile, for profiled colour sources (pipeline.icc.Managed);
+    # None: L* is that of ``pixels`` as sRGB.
+    lightness: np.ndarray | None = None
+
+    def source_lightness(self) -> np.ndarray:
+        """L* (H, W) float32 of the source, as its profile says (sRGB without one)."""
+        if self.lightness is not None:
+            return self.lightness
+        return image_to_lightness(self.pixels)
 
     @property
     def width(self) -> int:
@@ -375,8 +387,9 @@ def _deep_rgb_tiff(data: bytes, image: Image.Image) -> np.ndarray | None:
 
 def _load_upright(
     image: Image.Image, draft_size: int | None, notes: list[str]
-) -> tuple[np.ndarray, Image.Exif | None, tuple[int, int], Any]:
-    """(samples upright, EXIF, full upright size, dpi) of an opened image."""
+) -> tuple[np.ndarray, Image.Exif | None, tuple[int, int], tuple[Any, Managed]]:
+    """(samples upright and in sRGB terms, EXIF, full upright size, (dpi, colour management))
+    of an opened image."""
     width, height = image.size
     drafted = bool(draft_size) and image.format == "JPEG"
     if drafted:
@@ -391,14 +404,16 @@ def _load_upright(
         notes.append(f"EXIF dropped: unreadable ({type(err).__name__})")
     orientation = _orientation(exif, notes)
     dpi = _dpi(image.info.get("dpi"), notes)
+    icc, mode = image.info.get("icc_profile"), image.mode
     if (transpose := _TRANSPOSE.get(orientation)) is not None:
         image = image.transpose(transpose)
-    pixels = _samples(image)
+    managed = manage_colour(image, notes)
+    pixels = grey_levels(_samples(managed.image), mode, icc, notes)
     if drafted:  # decoded at 1/2-1/8 scale: the full size is the header's, upright
         full_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     else:  # the pixels themselves are the truth, whoever turned them
         full_size = (pixels.shape[1], pixels.shape[0])
-    return pixels, exif, full_size, dpi
+    return pixels, exif, full_size, (dpi, managed)
 
 
 @contextlib.contextmanager
@@ -445,9 +460,15 @@ def decode_image(
             pages = _page_count(image, notes)
             metadata = _metadata(image, notes)
             deep = _deep_rgb_tiff(data, image)
-            pixels, exif, full_size, dpi = _load_upright(image, draft_size, notes)
+            pixels, exif, full_size, (dpi, managed) = _load_upright(image, draft_size, notes)
+            icc, lightness = managed.description, managed.lightness
             if deep is not None:  # Pillow's 8-bit reading gave the EXIF, dpi and size
-                pixels, bits = deep, 16
+                pixels, bits, lightness = deep, 16, None
+                if icc and not icc.lower().startswith("srgb"):
+                    notes.append(
+                        f"ICC profile {icc!r} not applied: LittleCMS through Pillow converts "
+                        "8-bit RGB only, and 48-bit samples stay as stored"
+                    )
             else:
                 bits = _bits_for(source_mode)
     except DecodeError:
@@ -490,4 +511,6 @@ def decode_image(
         full_size=full_size,
         notes=tuple(notes),
         metadata=metadata,
+        icc_description=icc,
+        lightness=lightness,
     )

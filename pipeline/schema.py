@@ -47,6 +47,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("infer_s", pa.float64()),  # this input's share of its batch's forward pass
         ("finalize_s", pa.float64()),  # seconds in full-resolution merge + encode + write
         ("output_bits", pa.int16()),  # bits per channel of the PNG written: 8 or 16 (--bits)
+        ("source_icc", pa.string()),  # the source's embedded ICC profile, by its description
     ]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)

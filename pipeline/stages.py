@@ -26,7 +26,6 @@ import torch
 
 from models.colorize import (
     cast_convolutions,
-    image_to_lightness,
     lightness_to_model_input,
     merge_full_resolution,
 )
@@ -149,6 +148,7 @@ def _prepared_fields(options: StageOptions, started: float) -> dict[str, Any]:
         "source_bits": None,
         "source_pages": None,
         "notes": None,
+        "source_icc": None,
         "data": b"",
         "l_model": np.zeros((1, options.image_size, options.image_size), np.float32),
         "decode_s": 0.0,
@@ -187,11 +187,10 @@ def prepare_one(row: Mapping[str, Any], options: StageOptions) -> dict[str, Any]
             source_width=decoded.full_size[0],
             source_height=decoded.full_size[1],
             notes="; ".join(decoded.notes) or None,
+            source_icc=decoded.icc_description,
         )
         # A JPEG may have been decoded at 1/2-1/8 scale (draft): plenty for the model input.
-        out["l_model"] = lightness_to_model_input(
-            image_to_lightness(decoded.pixels), options.image_size
-        )
+        out["l_model"] = lightness_to_model_input(decoded.source_lightness(), options.image_size)
         out["data"] = data
     except StorageUnavailableError:
         raise
@@ -398,7 +397,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                     error_type="SizeMismatch",
                 )
             depth = output_dtype(options.output_bits, decoded.bits)
-            rgb = merge_full_resolution(image_to_lightness(decoded.pixels), ab, dtype=depth)
+            rgb = merge_full_resolution(decoded.source_lightness(), ab, dtype=depth)
             provenance = Provenance(
                 source_uri=redact_uri(str(row["source_uri"])),
                 source_sha256=str(row["source_sha256"]),
@@ -448,6 +447,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
 
 _PREPARED_COLUMNS = (
     "source_sha256", "source_format", "source_mode", "source_bits", "source_pages", "notes",
+    "source_icc",
     "source_width", "source_height",
     "status", "error_type", "error_message", "started_at", "decode_s",
 )  # fmt: skip
