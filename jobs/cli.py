@@ -164,6 +164,45 @@ def bench_forward(
         )
 
 
+@bench_app.command("finalize")
+def bench_finalize_command(
+    size: Annotated[
+        list[str] | None,
+        typer.Option("--size", help="WIDTHxHEIGHT of the 16-bit grey scan; repeatable."),
+    ] = None,
+    bits: Annotated[
+        list[int] | None,
+        typer.Option("--bits", help="Output bits per channel, 8 or 16; repeatable."),
+    ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each combination.")] = 3,
+) -> None:
+    """Time finalize (merge + PNG encode + write) per scan size and output depth, side by side."""
+    import tempfile
+
+    from jobs.bench_finalize import time_finalize
+    from jobs.bench_run import parse_size
+
+    output_bits = bits or [8, 16]
+    if any(b not in (8, 16) for b in output_bits):
+        raise typer.BadParameter("--bits takes 8 or 16")
+    try:
+        sizes = [parse_size(text) for text in size or ["512x384", "6000x4000"]]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    typer.echo(f"finalize of a 16-bit grey scan, one thread, median of {repeats}")
+    typer.echo(f"{'size':>11} {'bits':>4} {'s/scan':>8} {'MP/s':>7} {'PNG MB':>8} {'vs 8-bit':>8}")
+    with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as folder:
+        timings = time_finalize(folder, sizes=sizes, output_bits=output_bits, repeats=repeats)
+    eight = {(t.width, t.height): t.seconds for t in timings if t.output_bits == 8}
+    for t in timings:
+        ratio = t.seconds / eight[(t.width, t.height)] if (t.width, t.height) in eight else 0
+        typer.echo(
+            f"{t.width:>5}x{t.height:<5} {t.output_bits:>4} {t.seconds:>8.3f} "
+            f"{t.megapixels_per_second:>7.1f} {t.output_bytes / 1e6:>8.2f} "
+            + (f"{ratio:>7.2f}×" if ratio else f"{'':>8}")
+        )
+
+
 def _reference_model(scratch: str) -> str:
     """An untrained reference-size artifact: speed does not depend on what the weights learned."""
     from models.networks import UNetGenerator, init_weights

@@ -210,3 +210,21 @@ def test_no_more_colorizer_actors_than_an_execution_has_blocks(rows: int, actors
 
     config = ColorizeConfig(src="a", dst="b", model="c", rows_per_block=4, actors=3)
     assert colorizer_pool_size(config, {"CPU": 4.0}, rows) == actors
+
+
+def test_bench_finalize_times_both_depths_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        capsys, "bench", "finalize", "--size", "96x64", "--bits", "8", "--bits", "16",
+        "--repeats", "1",
+    )  # fmt: skip
+    assert code == 0
+    lines = [line.split() for line in out.splitlines()[2:]]
+    assert [(line[0], line[1]) for line in lines] == [("96x64", "8"), ("96x64", "16")]
+    assert lines[0][-1] == "1.00×"
+    assert float(lines[1][4]) > float(lines[0][4])  # a 16-bit PNG is larger
+
+
+def test_bench_finalize_refuses_other_depths(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "bench", "finalize", "--bits", "12")
+    assert code == 2
+    assert "--bits takes 8 or 16" in err
