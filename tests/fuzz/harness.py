@@ -54,6 +54,9 @@ class Report:
             )
         total = len(self.outcomes)
         lines.append(f"{'all':<10} {total:>6}   problems: {len(self.problems)}")
+        kinds = Counter(o.status for o in self.problems)
+        lines.append("problems by kind: " + (", ".join(
+            f"{status} {count}" for status, count in kinds.most_common()) or "none"))  # fmt: skip
         errors = Counter(o.detail for o in self.outcomes if o.status == "failed")
         lines.append("failed rows by error type: " + ", ".join(
             f"{name} {count}" for name, count in errors.most_common()))  # fmt: skip
