@@ -327,6 +327,16 @@ def _page_count(image: Image.Image, notes: list[str]) -> int:
             image.seek(0)
 
 
+def _drop_malformed_xmp(image: Image.Image, notes: list[str]) -> None:
+    """An XMP that is not text (a TIFF tag 700 of the wrong type) makes Pillow's own
+    orientation lookup raise during load: drop it, the pixels are fine."""
+    for key in ("xmp", "XML:com.adobe.xmp"):
+        value = image.info.get(key)
+        if value is not None and not isinstance(value, bytes | str):
+            del image.info[key]
+            notes.append(f"source XMP dropped: stored as {type(value).__name__}, not text")
+
+
 def _metadata(image: Image.Image, notes: list[str]) -> SourceMetadata:
     """The source's XMP and IPTC-IIM; a reader that chokes on them costs only the metadata."""
     try:
@@ -458,6 +468,7 @@ def decode_image(
             source_format = image.format or "unknown"
             source_mode = image.mode
             pages = _page_count(image, notes)
+            _drop_malformed_xmp(image, notes)
             metadata = _metadata(image, notes)
             deep = _deep_rgb_tiff(data, image)
             pixels, exif, full_size, (dpi, managed) = _load_upright(image, draft_size, notes)

@@ -23,7 +23,8 @@ class Case:
     kind: str  # exif, png, tiff, jpeg, other, mutation
     name: str  # what the case is, for the report
     data: bytes
-    size: tuple[int, int] | None = None  # (width, height) upright, when the case knows it
+    # (width, height) upright, for a valid picture (it must be coloured, at this size)
+    size: tuple[int, int] | None = None
     error_type: str | None = None  # the failed row's error type it must give, when known
 
 

@@ -110,6 +110,10 @@ def run_case(case: Case, folder: Path, options: StageOptions, index: int) -> Out
         if case.error_type and final["error_type"] != case.error_type:
             return Outcome(case, "wrong-error", f"{final['error_type']} (expected "
                            f"{case.error_type}): {final['error_message']}", seconds)  # fmt: skip
+        if case.size is not None and not case.error_type:
+            # A picture whose size the generator knows is a valid one: refusing it is wrong.
+            return Outcome(case, "refused", f"{final['error_type']}: {final['error_message']}",
+                           seconds)  # fmt: skip
         return Outcome(case, "failed", str(final["error_type"]), seconds)
     output = (final["output_width"], final["output_height"])
     listed = (final["source_width"], final["source_height"])
