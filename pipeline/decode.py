@@ -22,7 +22,7 @@ import io
 import math
 import re
 import struct
-import warnings
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,17 +426,34 @@ def _load_upright(
     return pixels, exif, full_size, (dpi, managed)
 
 
-@contextlib.contextmanager
-def _pillow_unlimited() -> Iterator[None]:
-    """Pillow's process-wide bomb limit off: our own max_pixels is the one limit."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+class _PillowLimitOff:
+    """Pillow's process-wide bomb limit off while any decode runs: our own max_pixels is the
+    one limit. Counted under a lock, because decodes overlap in threads (Ray Data runs tasks
+    and actors in a pool of threads in one process): a plain save-and-restore lets a thread
+    that started inside another's window "restore" None and leave the limit off for good."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: int | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None  # also silences DecompressionBombWarning
+            self._inside += 1
+        try:
             yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pillow_unlimited = _PillowLimitOff()
 
 
 def decode_image(

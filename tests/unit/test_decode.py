@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import resource
 import warnings
@@ -104,6 +105,17 @@ def test_scans_between_pillows_limit_and_ours_decode() -> None:
         decoded = decode_image(data)
     assert decoded.full_size == (13_500, 13_500)
     assert Image.MAX_IMAGE_PIXELS is not None  # the process-wide limit is restored
+
+
+def test_overlapping_decodes_in_threads_leave_pillows_limit_as_it_was() -> None:
+    # Ray Data decodes in a pool of threads; each thread's decode lifts the limit, and the
+    # last one out must put back the value from before the first one came in.
+    before = Image.MAX_IMAGE_PIXELS
+    data = _tiff(Image.new("L", (640, 480), 90), compression="tiff_adobe_deflate")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda _: decode_image(data).full_size, range(64)))
+    assert sizes == [(640, 480)] * 64
+    assert Image.MAX_IMAGE_PIXELS == before is not None
 
 
 @pytest.mark.parametrize("shape", [(2_000_000, 1), (1, 2_000_000), (2, 1_600_000)])
