@@ -15,6 +15,7 @@ from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import is_user_error, own_error
 from jobs.jobs_cli import jobs_app
 from jobs.manifest_cli import manifest_app
+from jobs.review_cli import review_command
 from jobs.train import train_command
 
 app = typer.Typer(
@@ -429,6 +430,7 @@ def demo(
 app.command("colorize")(colorize_command)
 app.command("nightly")(nightly_command)
 app.command("train")(train_command)
+app.command("review")(review_command)
 
 
 def main(argv: list[str] | None = None) -> int:

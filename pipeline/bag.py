@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.manifest_query import APPROVED, ManifestQuery
 from pipeline.manifest_tools import (
     OUTPUT_PATH,
     ManifestToolError,
@@ -182,6 +183,7 @@ def export_bag(
     storage_options: Mapping[str, Any] | None = None,
     workers: int = 8,
     now: datetime | None = None,
+    approved_only: bool = False,
 ) -> BagResult:
     """Write a BagIt bag of DST's current outputs to ``bag`` (a new or empty folder or prefix).
 
@@ -199,6 +201,13 @@ def export_bag(
             f"{unlocatable.num_rows} ok manifest rows name outputs outside {redact_uri(dst)}"
             f"/images (e.g. {unlocatable['output_uri'][0].as_py()}); cannot bag them"
         )
+    if approved_only:
+        outputs = _approved(dst, outputs, storage_options)
+        if outputs.num_rows == 0:
+            raise BagError(
+                f"{redact_uri(dst)}: no approved outputs to bag (approve some with "
+                "`chromascan review`)"
+            )
     if outputs.num_rows == 0:
         raise BagError(f"{redact_uri(dst)}: no coloured outputs to bag (no ok manifest rows)")
     _check_paths(outputs[OUTPUT_PATH])
@@ -246,6 +255,19 @@ def export_bag(
         runs=len(run_ids),
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _approved(dst: str, outputs: pa.Table, storage_options: Mapping[str, Any] | None) -> pa.Table:
+    """The outputs whose latest decision in DST/review/ approves that very output (sha256)."""
+    with ManifestQuery(dst, storage_options=storage_options) as query:
+        approved = query.table(
+            "SELECT DISTINCT source_uri, output_sha256 FROM outputs WHERE review = ?", [APPROVED]
+        )
+    if approved.num_rows == 0:
+        return outputs.slice(0, 0)
+    keys = approved.append_column("approved", pa.array([True] * approved.num_rows))
+    joined = outputs.join(keys, keys=["source_uri", "output_sha256"], join_type="inner")
+    return joined.drop_columns(["approved"]).select(outputs.column_names).sort_by(OUTPUT_PATH)
 
 
 def _claim(fs: Any, root: str, shown: str) -> bool:
