@@ -408,6 +408,18 @@ def export_bag_command(
             help="Only outputs a curator approved in `chromascan review` (that exact output).",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            metavar="[ray|threads]",
+            help="ray: copy in Ray Data tasks (a local cluster unless --address; BAG must be "
+            "writable from the cluster); threads: copy on this machine.",
+        ),
+    ] = "ray",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to copy on (ray://HOST:10001, HOST:6379, auto)."),
+    ] = None,
 ) -> None:
     """Write a BagIt (RFC 8493) bag of the outputs, checked against the manifest.
 
@@ -417,9 +429,16 @@ def export_bag_command(
     """
     from pipeline.bag import export_bag
 
+    engine = _choice(engine, ENGINES, "engine", "--engine") or "ray"
+
+    def connect() -> None:
+        from jobs.runtime import ensure_ray
+
+        ensure_ray(address)
+
     result = export_bag(
         dst, bag, software=_software(), info=_info_fields(info), workers=workers,
-        approved_only=approved_only,
+        approved_only=approved_only, engine=engine, connect=connect,
     )  # fmt: skip
     typer.echo(
         f"wrote bag {result.bag}: {result.files} files, {_megabytes(result.octets)} from "

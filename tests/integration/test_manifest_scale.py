@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.synthetic_manifest import write_synthetic_dst
 from tests.integration.browser import SCROLL_UNTIL_IMAGES_SETTLE, DevTools, Page
-from tests.integration.synthetic_manifest import write_synthetic_dst
 
 ROWS = 1_000_000
 # Process peak of `manifest summary` / `show`: Python, pyarrow and DuckDB loaded (~150 MB)

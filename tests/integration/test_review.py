@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
+from jobs.synthetic_manifest import write_synthetic_dst
 from tests.integration.browser import SCROLL_UNTIL_IMAGES_SETTLE, DevTools, Page
-from tests.integration.synthetic_manifest import write_synthetic_dst
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -152,7 +152,8 @@ def test_curator_reviews_in_chromium(
             urllib.request.urlopen(refused, timeout=30)
         assert err.value.code == 403
 
-    code = main(["manifest", "export-bag", str(dst), str(tmp_path / "bag"), "--approved-only"])
+    code = main(["manifest", "export-bag", str(dst), str(tmp_path / "bag"), "--approved-only",
+                 "--engine", "threads"])  # fmt: skip
     assert code == 0
     bag = bagit.Bag(str(tmp_path / "bag"))
     bag.validate()

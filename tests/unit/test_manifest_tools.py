@@ -461,6 +461,7 @@ def test_export_bag_is_valid_for_the_reference_validator(
                         dst.ok_row("box3/two\nlines.jpg", 8, minutes=60)])  # fmt: skip
     bag_path = tmp_path / "bag"
     code, out, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(bag_path),
+                          "--engine", "threads",
                           "--info", "Source-Organization=City Archive & Co.")  # fmt: skip
     assert (code, err) == (0, ""), err
     assert out.startswith(f"wrote bag {bag_path}: 5 files, ")
@@ -506,7 +507,8 @@ def test_export_bag_refuses_changed_outputs_and_leaves_nothing(
     dst: Dst, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dst.output("box1/b.png").write_bytes(b"tampered")
-    code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"))
+    code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"),
+                        "--engine", "threads")  # fmt: skip
     assert code == 1
     assert err == (
         "chromascan: box1/b.png: sha256 differs from the manifest's; it was changed after "
@@ -674,7 +676,7 @@ def test_review_states_follow_the_current_output(
     review.record([b], "approved", None)
     review.close()
     code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"),
-                        "--approved-only")  # fmt: skip
+                        "--approved-only", "--engine", "threads")  # fmt: skip
     assert (code, err) == (0, "")
     bag = bagit.Bag(str(tmp_path / "bag"))
     bag.validate()

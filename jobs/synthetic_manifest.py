@@ -5,7 +5,7 @@ handful of error types, a few skipped. Only ``with_files`` ok rows (the least an
 colourful and the newest, the ones a report samples first) get a real scan and output, so a
 million rows take seconds to write and a few hundred KB of images.
 
-Run as a module to make one for measuring: ``python -m tests.integration.synthetic_manifest
+Run as a module to make one for measuring: ``python -m jobs.synthetic_manifest
 DST --rows 1000000``.
 """
 
