@@ -152,13 +152,13 @@ class ManifestQuery:
                 "threads": threads or min(4, os.cpu_count() or 1),
                 "temp_directory": self._spill.name,
                 "preserve_insertion_order": False,  # lets scans stream instead of buffering
-                "TimeZone": "UTC",  # times come back as the manifest wrote them
                 # Object stores go through chromascan's fsspec filesystem, never an extension
                 # fetched from the network at query time.
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
             }
         )
+        self.connection.execute("SET TimeZone = 'UTC'")  # times come back as written
         self._fs = fs
         if "://" in dst and not any(p in ("file", "local") for p in _protocols(fs)):
             # DuckDB reads the bucket through chromascan's own fsspec filesystem: the same
@@ -277,14 +277,14 @@ class ManifestQuery:
         return self.connection.execute(sql, list(parameters)).fetchall()
 
     def table(self, sql: str, parameters: Sequence[Any] = ()) -> pa.Table:
-        return self.connection.execute(sql, list(parameters)).fetch_arrow_table()
+        return self.connection.sql(sql, params=list(parameters)).to_arrow_table()
 
     def batches(
         self, sql: str, parameters: Sequence[Any] = (), *, rows: int = 4096
     ) -> Iterator[pa.RecordBatch]:
         """The query's result streamed in batches: memory holds one batch, not the result."""
-        reader = self.connection.execute(sql, list(parameters)).fetch_record_batch(rows)
-        yield from reader
+        # A relation streams; an executed statement's Arrow output would copy every row first.
+        yield from self.connection.sql(sql, params=list(parameters)).to_arrow_reader(rows)
 
     def where(self, rows: RowFilter) -> tuple[str, list[Any]]:
         """SQL WHERE clause (or "") and its parameters for ``rows``."""

@@ -563,8 +563,8 @@ def _gather(
         )
         failed = _rows(query.table(
             "SELECT * FROM latest WHERE status = ? AND coalesce(error_type, '') IN "
-            "(SELECT coalesce(error_type, '') FROM latest WHERE status = ? GROUP BY ALL "
-            f"ORDER BY count(*) DESC, error_type NULLS LAST LIMIT {FAILURE_KINDS_LISTED}) "
+            "(SELECT coalesce(error_type, '') AS kind FROM latest WHERE status = ? GROUP BY kind "
+            f"ORDER BY count(*) DESC, kind LIMIT {FAILURE_KINDS_LISTED}) "
             "QUALIFY row_number() OVER (PARTITION BY error_type ORDER BY source_uri) "
             f"<= {FAILURES_PER_KIND} ORDER BY error_type, source_uri",
             [STATUS_FAILED, STATUS_FAILED],
