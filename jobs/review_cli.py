@@ -81,6 +81,9 @@ def review_command(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
+        # Listening before the line below: a browser opened at once waits in the backlog
+        # while uvicorn starts, instead of being refused.
+        listener.listen(128)
     except OSError as err:
         listener.close()
         raise typer.BadParameter(f"cannot listen on {host}:{port} ({err.strerror})") from err
