@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ def write_synthetic_dst(
             path.write_bytes(data)
         output_sha[i] = hashlib.sha256(output).hexdigest()
     # One second per row, in order: run after run, the last rows the newest.
-    started = np.array([T0 + timedelta(seconds=int(i)) for i in index], dtype=object)
+    started = np.datetime64(T0.replace(tzinfo=None), "ms") + index.astype("timedelta64[s]")
     is_ok = status == "ok"
     is_failed = status == "failed"
     error = np.where(is_failed, np.array(ERROR_TYPES)[index % len(ERROR_TYPES)], None)
@@ -95,15 +95,22 @@ def write_synthetic_dst(
         "output_size": np.where(is_ok, 1000, None).tolist(),
         "model_id": [MODEL] * rows,
         "colorfulness": np.where(is_ok, colourfulness, np.nan),
-        "started_at": started.tolist(),
-        "finished_at": (started + timedelta(seconds=2)).tolist(),
+        "started_at": pa.array(started).cast(pa.timestamp("ms", tz="UTC")),
+        "finished_at": pa.array(started + np.timedelta64(2, "s")).cast(
+            pa.timestamp("ms", tz="UTC")
+        ),
         "duration_s": np.full(rows, 2.0),
     }
-    table = pa.table({
-        name: pa.array(columns[name], MANIFEST_SCHEMA.field(name).type, from_pandas=True)
-        if name in columns else pa.nulls(rows, MANIFEST_SCHEMA.field(name).type)
-        for name in MANIFEST_SCHEMA.names
-    })  # fmt: skip
+    def column(name: str) -> pa.Array:
+        kind = MANIFEST_SCHEMA.field(name).type
+        if name not in columns:
+            return pa.nulls(rows, kind)
+        values = columns[name]
+        if isinstance(values, pa.Array):
+            return values
+        return pa.array(values, kind, from_pandas=True)
+
+    table = pa.table({name: column(name) for name in MANIFEST_SCHEMA.names})
     for run in range(runs):
         part = table.filter(pa.array(run_of == run))
         folder = root / "manifest" / f"run={part['run_id'][0].as_py()}"

@@ -159,6 +159,7 @@ class ManifestQuery:
             }
         )
         self.connection.execute("SET TimeZone = 'UTC'")  # times come back as written
+        self.connection.execute("SET enable_progress_bar = false")  # it would write to stdout
         self._fs = fs
         if "://" in dst and not any(p in ("file", "local") for p in _protocols(fs)):
             # DuckDB reads the bucket through chromascan's own fsspec filesystem: the same
