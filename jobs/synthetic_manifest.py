@@ -101,6 +101,7 @@ def write_synthetic_dst(
         ),
         "duration_s": np.full(rows, 2.0),
     }
+
     def column(name: str) -> pa.Array:
         kind = MANIFEST_SCHEMA.field(name).type
         if name not in columns:

@@ -8,13 +8,13 @@ a fixed size and still open in Chromium with its images loaded and no console er
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from jobs.bench_manifest import PEAK_WRAPPER
 from jobs.synthetic_manifest import write_synthetic_dst
 from tests.integration.browser import SCROLL_UNTIL_IMAGES_SETTLE, DevTools, Page
 
@@ -34,15 +34,20 @@ def million(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, i
 
 
 def _peak(*argv: str) -> tuple[int, str, str, int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jobs", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    """(exit code, stdout, stderr, peak resident bytes) of `chromascan ARGV` as a process.
+
+    The peak is VmHWM read by the process itself at exit: ru_maxrss of a child would also
+    count the pages of this (large) test process it was forked from.
+    """
+    process = subprocess.run(
+        [sys.executable, "-c", PEAK_WRAPPER, *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
-    # Read both pipes to the end (stderr is a few lines), then reap with wait4 for the rusage.
-    out = process.stdout.read()  # type: ignore[union-attr]
-    err = process.stderr.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, out.decode(), err.decode(), usage.ru_maxrss * 1024
+    err, _, peak = process.stderr.rpartition("VmHWM:")
+    return process.returncode, process.stdout, err, int(peak.split()[0]) * 1024
 
 
 def test_summary_and_show_in_bounded_memory(million: tuple[Path, dict[str, int]]) -> None:
