@@ -270,12 +270,14 @@ class ManifestQuery:
 
     # --- queries --------------------------------------------------------------------------
 
+    # Relations, not execute(): DuckDB 2 refuses new work on a connection while an executed
+    # statement's result is unfinished, and a relation's fetchall() always finishes it.
     def scalar(self, sql: str, parameters: Sequence[Any] = ()) -> Any:
-        row = self.connection.execute(sql, list(parameters)).fetchone()
-        return None if row is None else row[0]
+        rows = self.pairs(sql, parameters)
+        return rows[0][0] if rows else None
 
     def pairs(self, sql: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self.connection.execute(sql, list(parameters)).fetchall()
+        return self.connection.sql(sql, params=list(parameters)).fetchall()
 
     def table(self, sql: str, parameters: Sequence[Any] = ()) -> pa.Table:
         return self.connection.sql(sql, params=list(parameters)).to_arrow_table()

@@ -244,6 +244,16 @@ def _image_url(source_uri: str, kind: str, version: Any) -> str:
     return "/image?" + urlencode({"source": source_uri, "kind": kind, "v": version or ""})
 
 
+def _placeholder(text: str) -> Response:
+    """A grey tile that says why there is no thumbnail, rather than a broken image."""
+    svg = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{THUMB_SIZE}" height="{THUMB_SIZE}">'
+        '<rect width="100%" height="100%" fill="#ddd"/><text x="50%" y="50%" fill="#555" '
+        f'font-family="sans-serif" font-size="14" text-anchor="middle">{_e(text)}</text></svg>'
+    )
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
 class _TokenGate:
     """Every request carries the token (query, cookie or bearer header), or it gets 401."""
 
@@ -278,7 +288,11 @@ class _TokenGate:
 
 
 class ReviewApp:
-    """The pages and their one shared ManifestQuery (DuckDB is used from one thread at a time)."""
+    """The pages and their one shared ManifestQuery (DuckDB is used from one thread at a time).
+
+    The handlers are plain functions, which Starlette runs on its thread pool: thumbnails are
+    decoded in parallel while the queries take turns on the connection.
+    """
 
     def __init__(self, config: ReviewConfig) -> None:
         self.config = config
@@ -316,7 +330,7 @@ class ReviewApp:
 
     # --- handlers ---------------------------------------------------------------------------
 
-    async def index(self, request: Request) -> Response:
+    def index(self, request: Request) -> Response:
         params = dict(request.query_params)
         chosen, kept = _filters(params)
         try:
@@ -419,7 +433,7 @@ class ReviewApp:
             f"{reason}</div></div>"
         )
 
-    async def scan(self, request: Request) -> Response:
+    def scan(self, request: Request) -> Response:
         source = request.query_params.get("source") or ""
         row = self._current(source)
         if row is None:
@@ -481,7 +495,7 @@ class ReviewApp:
             return None
         return read_bytes(uri, storage_options=self.config.storage_options, missing_ok=True)
 
-    async def thumb(self, request: Request) -> Response:
+    def thumb(self, request: Request) -> Response:
         source = request.query_params.get("source") or ""
         kind = request.query_params.get("kind")
         row = self._current(source)
@@ -498,11 +512,11 @@ class ReviewApp:
             except OSError:
                 original = None
             if original is None:
-                return PlainTextResponse("image not found on storage", status_code=404)
+                return _placeholder(f"{kind} not found")
             try:
                 data, _, _ = thumbnail_jpeg(original, size=THUMB_SIZE)
             except DecodeError as err:
-                return PlainTextResponse(f"no preview ({err.error_type})", status_code=422)
+                return _placeholder(f"no preview ({err.error_type})")
             cached.parent.mkdir(parents=True, exist_ok=True)
             temporary = cached.with_suffix(f".{uuid.uuid4().hex}.tmp")
             temporary.write_bytes(data)
@@ -510,7 +524,7 @@ class ReviewApp:
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
 
-    async def image(self, request: Request) -> Response:
+    def image(self, request: Request) -> Response:
         """Full resolution: the bytes as stored when browsers show them, else a PNG of them."""
         source = request.query_params.get("source") or ""
         kind = request.query_params.get("kind")

@@ -88,7 +88,9 @@ def test_curator_reviews_in_chromium(
         assert page.evaluate("document.querySelectorAll('.card').length") == 40
         images = page.evaluate(_IMAGES)
         assert images["images"] > 0
-        assert images["loaded"] == images["images"]  # thumbnails made on demand
+        # Thumbnails made on demand (the failed scans of this DST are not on storage: a tile
+        # saying so stands in for each).
+        assert images["loaded"] == images["images"]
         assert any(cache.rglob("*.jpg"))  # ... and cached
 
         # Filter: only ok sources, then one path.
