@@ -644,6 +644,8 @@ def create_app(config: ReviewConfig) -> tuple[Starlette, ReviewApp]:
             Route("/thumb", review.thumb),
             Route("/image", review.image),
             Route("/decide", review.decide, methods=["POST"]),
+            # Browsers ask for it on every page; an empty answer keeps their consoles clean.
+            Route("/favicon.ico", lambda _request: Response(status_code=204)),
         ],
         middleware=middleware,
         lifespan=_closing(review),
