@@ -59,7 +59,7 @@ from pipeline.manifest_tools import (
     read_run_summary,
 )
 from pipeline.provenance import DIGITAL_SOURCE_TYPE, redact_uri
-from pipeline.storage import StorageError, filesystem, join
+from pipeline.storage import StorageError, filesystem, join, portable_storage_options
 
 BAGIT_TXT = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 ALGORITHMS = ("sha256", "sha512")
@@ -379,6 +379,16 @@ def copy_batch(
                      "error": pa.array(errors, pa.string())})  # fmt: skip
 
 
+def _task_options(
+    dst: str, bag: str, storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The driver's S3 settings for the tasks (they may not share its environment)."""
+    if storage_options is not None:
+        return dict(storage_options)
+    s3_url = next((url for url in (dst, bag) if url.startswith("s3")), None)
+    return portable_storage_options(s3_url) if s3_url else None
+
+
 def _copy_on_ray(
     outputs: pa.Table,
     *,
@@ -397,7 +407,11 @@ def _copy_on_ray(
         copy_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"dst": dst, "bag": bag, "storage_options": dict(storage_options or {}) or None},
+        fn_kwargs={
+            "dst": dst,
+            "bag": bag,
+            "storage_options": _task_options(dst, bag, storage_options),
+        },
         compute=ray.data.TaskPoolStrategy(size=workers),
         num_cpus=1,
     )

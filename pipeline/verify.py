@@ -25,7 +25,7 @@ from pipeline.manifest_tools import (
     open_manifest,
     ordered_map,
 )
-from pipeline.storage import filesystem, join
+from pipeline.storage import filesystem, join, portable_storage_options
 
 MISSING = "missing"  # the manifest has it, storage does not
 CHANGED = "changed"  # present, but its sha256 is not the manifest's
@@ -190,6 +190,15 @@ def hash_batch(
     )
 
 
+def _task_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What the tasks use to reach the store: workers may not share the driver's AWS_*
+    environment, so they get its endpoint and credentials in the task payload (as colorize's
+    workers do), never in a log."""
+    if storage_options is not None:
+        return dict(storage_options)
+    return portable_storage_options(url) if url.startswith("s3") else None
+
+
 def _verify_on_ray(
     joined: pa.Table,
     *,
@@ -211,7 +220,7 @@ def _verify_on_ray(
         hash_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"images": images, "storage_options": dict(storage_options or {}) or None},
+        fn_kwargs={"images": images, "storage_options": _task_options(images, storage_options)},
         compute=ray.data.TaskPoolStrategy(size=workers),
         num_cpus=1,
     )
