@@ -134,8 +134,8 @@ def test_verify_and_bag_on_s3(
     # The report reads outputs from the bucket (and scans from where the manifest says).
     code, out, err = _run(capsys, "manifest", "report", dst, "--out", str(tmp_path / "r.html"))
     assert (code, err) == (0, "")
-    # Fewer outputs than a sample holds: each is in all four samples, scan and output.
-    assert f" {8 * len(coloured.ok)} thumbnails, " in out
+    # Four samples of at most 24 outputs, scan and output each.
+    assert f" {8 * min(len(coloured.ok), 24)} thumbnails, " in out
 
     # A bag from the bucket into the bucket (streamed, hashed while copied) validates.
     code, out, err = _run(capsys, "manifest", "export-bag", dst, f"s3://{s3_bucket}/bag")
@@ -264,15 +264,17 @@ def test_report_in_headless_chromium(
     seen = evaluate(_INSPECT)
     browser_page.screenshot(tmp_path / "report.png")
 
-    # A small DST fits the samples whole: every source has a card (ok ones in each of the four
-    # samples), names shown as text exactly as they are on disk.
-    assert sorted(set(seen["names"])) == sorted(entry.relative_path for entry in coloured.entries)
+    # Cards for sampled outputs and every listed failure, names shown as text exactly as they
+    # are on disk.
+    names = {entry.relative_path for entry in coloured.entries}
+    assert set(seen["names"]) <= names
+    assert {entry.relative_path for entry in coloured.failed} <= set(seen["names"])
     assert seen["statuses"].count("failed") == failed
     kinds = len({entry.error_type for entry in coloured.failed})
     assert seen["failedRows"] == kinds + failed  # the kinds table, then the listed inputs
     # Every ok card shows its scan and its output; no failed scan of the corpus decodes, so
     # each failed card holds a placeholder instead of a broken image.
-    assert seen["images"] == 4 * 2 * ok
+    assert seen["images"] == 4 * 2 * min(ok, 24)
     assert seen["placeholders"] == failed
     assert seen["lazy"] == seen["images"]
     assert seen["loaded"] == seen["images"], seen["notLoaded"]
@@ -281,8 +283,8 @@ def test_report_in_headless_chromium(
 
     filtered = evaluate(_FILTER)
     assert filtered["failed"] == failed
-    assert filtered["searched"] == 4  # only the "quoted" file name matches, in each sample
-    assert filtered["counter"] == f"4 of {4 * ok + failed} shown"
+    assert 0 < filtered["searched"] <= 4  # only the "quoted" file name, once per sample at most
+    assert filtered["counter"].endswith(f" of {4 * min(ok, 24) + failed} shown")
 
     # No errors, and nothing fetched from anywhere but the page itself and its data: URIs.
     assert browser_page.problems() == []
