@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
+from jobs.bench_manifest import bench_manifest_command
 from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import is_user_error, own_error
 from jobs.jobs_cli import jobs_app
 from jobs.manifest_cli import manifest_app
+from jobs.review_cli import review_command
 from jobs.train import train_command
 
 app = typer.Typer(
@@ -468,6 +470,8 @@ def demo(
 app.command("colorize")(colorize_command)
 app.command("nightly")(nightly_command)
 app.command("train")(train_command)
+app.command("review")(review_command)
+bench_app.command("manifest")(bench_manifest_command)
 
 
 def main(argv: list[str] | None = None) -> int:

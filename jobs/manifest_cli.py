@@ -32,6 +32,7 @@ DstArgument = Annotated[
     typer.Argument(metavar="DST", help="Colorize destination: folder or URL (s3://bucket/prefix)."),
 ]
 FORMATS = ("table", "csv", "json")
+ENGINES = ("ray", "threads")
 STATUSES = ("ok", "failed", "skipped")  # pipeline.manifest_tools.STATUSES, without its imports
 
 
@@ -92,10 +93,12 @@ def summary_command(
     """Per run and overall: counts by status, top error types, throughput, models used."""
     import dataclasses
 
-    from pipeline.manifest_tools import open_manifest, summarize
+    from pipeline.manifest_query import ManifestQuery
+    from pipeline.manifest_tools import summarize_query
     from pipeline.manifest_tools import top as largest
 
-    summary = summarize(open_manifest(dst), dst)
+    with ManifestQuery(dst) as query:
+        summary = summarize_query(query)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(summary), indent=2, sort_keys=True))
         return
@@ -125,6 +128,7 @@ def summary_command(
     for name, count in largest(summary.error_types, top):
         typer.echo(f"failing now: {count} × {name}")
     typer.echo(f"models: {counts(summary.models)}")
+    typer.echo(f"review of the outputs: {counts(summary.reviews)}")
     if summary.images_per_second is not None:
         typer.echo(
             f"throughput: {summary.images_per_second:.2f} images/s "
@@ -166,23 +170,24 @@ def _fit(text: str, width: int, *, keep_end: bool) -> str:
     return "…" + text[-(width - 1) :] if keep_end else text[: width - 1] + "…"
 
 
-def _table_lines(rows: list[dict[str, Any]]) -> Iterable[str]:
+def _table_lines(rows: list[dict[str, Any]], widths: list[int] | None) -> Iterable[str]:
+    """Padded cells joined by NUL (the caller joins them for display); a header first when
+    ``widths`` is None (the first batch), whose widths then hold for the later ones."""
     cells = [
         [_fit(_cell(row, column), widest, keep_end=column == "relative_path")
          for _, column, widest in _TABLE_COLUMNS]
         for row in rows
     ]  # fmt: skip
-    widths = [
-        max([len(heading), *(len(line[index]) for line in cells)])
-        for index, (heading, _, _) in enumerate(_TABLE_COLUMNS)
-    ]
-    yield "  ".join(
-        h.ljust(w) for (h, _, _), w in zip(_TABLE_COLUMNS, widths, strict=True)
-    ).rstrip()
+    if not cells:
+        return
+    if widths is None:
+        widths = [
+            max([len(heading), *(len(line[index]) for line in cells)])
+            for index, (heading, _, _) in enumerate(_TABLE_COLUMNS)
+        ]
+        yield "\0".join(h.ljust(w) for (h, _, _), w in zip(_TABLE_COLUMNS, widths, strict=True))
     for line in cells:
-        yield "  ".join(
-            text.ljust(width) for text, width in zip(line, widths, strict=True)
-        ).rstrip()
+        yield "\0".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
 
 
 def _json_value(value: Any) -> Any:
@@ -199,10 +204,35 @@ def show_command(
         str | None,
         typer.Option(metavar="[ok|failed|skipped]", help="Only rows with this status."),
     ] = None,
+    error_type: Annotated[
+        str | None, typer.Option(help="Only rows failed with this error type.")
+    ] = None,
     run: Annotated[str | None, typer.Option(help="Only rows of this run id.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only rows coloured by this model id.")] = None,
+    path: Annotated[
+        str | None,
+        typer.Option(help="Only sources whose path under SRC matches this glob, e.g. 'box1/*'."),
+    ] = None,
+    min_colourfulness: Annotated[
+        float | None, typer.Option(help="Only outputs at least this colourful.")
+    ] = None,
+    max_colourfulness: Annotated[
+        float | None, typer.Option(help="Only outputs at most this colourful.")
+    ] = None,
+    review: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[approved|rejected|pending]",
+            help="Only outputs a curator approved, rejected, or has yet to decide on.",
+        ),
+    ] = None,
     latest: Annotated[
         bool, typer.Option(help="Only each source's latest attempt (its current state).")
     ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many rows.")] = None,
+    page: Annotated[
+        int, typer.Option(min=1, help="Which page of --limit rows (1: the first).")
+    ] = 1,
     output_format: Annotated[
         str,
         typer.Option(
@@ -212,39 +242,73 @@ def show_command(
         ),
     ] = "table",
 ) -> None:
-    """Manifest rows an archivist can read (table) or pipe (csv, json: one row per line)."""
-    from pipeline.manifest_tools import open_manifest, select_rows
+    """Manifest rows an archivist can read (table) or pipe (csv, json: one row per line).
+
+    Filters are applied while the Parquet is read, so a page of a ten-million-row manifest
+    costs a page of memory.
+    """
+    from pipeline.manifest_query import REVIEW_STATES, ManifestQuery, RowFilter
 
     output_format = _choice(output_format, FORMATS, "format", "--format") or "table"
     status = _choice(status, STATUSES, "status", "--status")
-    rows = select_rows(open_manifest(dst), status=status, run_id=run, latest=latest)
-    try:
-        if output_format == "csv":
-            import pyarrow.csv as pa_csv
+    review = _choice(review, REVIEW_STATES, "review state", "--review")
+    if page > 1 and limit is None:
+        raise typer.BadParameter("--page needs --limit (the page size)", param_hint="'--page'")
+    rows = RowFilter(
+        status=status, error_type=error_type, run_id=run, model_id=model, path=path,
+        min_colourfulness=min_colourfulness, max_colourfulness=max_colourfulness, review=review,
+    )  # fmt: skip
+    with ManifestQuery(dst) as query:
+        sql, values = query.select(
+            rows, latest=latest, limit=limit, offset=(page - 1) * (limit or 0)
+        )
+        batches = query.batches(sql, values, rows=1024)
+        try:
+            _write_rows(batches, output_format)
+        except BrokenPipeError:
+            # `... | head`: the reader has what it wanted; stop quietly, as Unix tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-            sys.stdout.flush()
-            pa_csv.write_csv(rows, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-        elif output_format == "json":
-            # A JSON array with one row per line: valid JSON for jq and json.load, and still
-            # greppable and streamable line by line.
-            typer.echo("[")
-            count = 0
-            for batch in rows.to_batches(max_chunksize=1024):
-                for row in batch.to_pylist():
-                    prefix = ",\n" if count else ""
-                    text = json.dumps(row, default=_json_value, ensure_ascii=False)
-                    sys.stdout.write(prefix + text)
-                    count += 1
-            typer.echo("\n]" if count else "]")
-        else:
-            for line in _table_lines(rows.to_pylist()):
-                typer.echo(line)
-            typer.echo(f"{rows.num_rows} rows", err=True)
+
+def _write_rows(batches: Iterable[Any], output_format: str) -> None:
+    count = 0
+    if output_format == "csv":
+        import pyarrow.csv as pa_csv
+
         sys.stdout.flush()
-    except BrokenPipeError:
-        # `... | head`: the reader has what it wanted; stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        writer = None
+        for batch in batches:
+            if writer is None:
+                writer = pa_csv.CSVWriter(sys.stdout.buffer, batch.schema)
+            writer.write_batch(batch)
+        if writer is not None:
+            writer.close()
+        sys.stdout.buffer.flush()
+    elif output_format == "json":
+        # A JSON array with one row per line: valid JSON for jq and json.load, and still
+        # greppable and streamable line by line.
+        typer.echo("[")
+        for batch in batches:
+            for row in batch.to_pylist():
+                prefix = ",\n" if count else ""
+                text = json.dumps(row, default=_json_value, ensure_ascii=False)
+                sys.stdout.write(prefix + text)
+                count += 1
+        typer.echo("\n]" if count else "]")
+    else:
+        # Column widths come from the first batch, so a long listing streams; a later, longer
+        # cell widens only its own line.
+        widths: list[int] | None = None
+        for batch in batches:
+            for line in _table_lines(batch.to_pylist(), widths):
+                if widths is None:
+                    widths = [len(cell) for cell in line.split("\0")]
+                typer.echo(line.replace("\0", "  ").rstrip())
+            count += batch.num_rows
+        if widths is None:
+            typer.echo("  ".join(heading for heading, _, _ in _TABLE_COLUMNS))
+        typer.echo(f"{count} rows", err=True)
+    sys.stdout.flush()
 
 
 # --- verify --------------------------------------------------------------------------------
@@ -254,7 +318,21 @@ def show_command(
 @_one_line_errors
 def verify_command(
     dst: DstArgument,
-    workers: Annotated[int, typer.Option(min=1, help="Files hashed at once.")] = 8,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Files hashed at once (threads, or Ray tasks).")
+    ] = 8,
+    engine: Annotated[
+        str,
+        typer.Option(
+            metavar="[ray|threads]",
+            help="ray: hash in Ray Data tasks on the cluster (a local one unless --address); "
+            "threads: hash on this machine.",
+        ),
+    ] = "ray",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to hash on (ray://HOST:10001, HOST:6379, auto)."),
+    ] = None,
 ) -> None:
     """Re-hash every output against the manifest; list missing, changed and untracked files.
 
@@ -264,11 +342,22 @@ def verify_command(
     from pipeline.provenance import redact_uri
     from pipeline.verify import Finding, verify_outputs
 
+    engine = _choice(engine, ENGINES, "engine", "--engine") or "ray"
+
+    def connect() -> None:
+        # Only once DST is known to hold a manifest: a typo answers at once, Ray unstarted.
+        from jobs.runtime import ensure_ray
+
+        ensure_ray(address)
+
     def show(finding: Finding) -> None:
         detail = f"  {finding.detail}" if finding.detail else ""
         typer.echo(f"{finding.kind:<10} {_printable(finding.path)}{_printable(detail)}")
 
-    result = verify_outputs(dst, workers=workers, on_finding=show)
+    result = verify_outputs(
+        dst, workers=workers, on_finding=show, engine=engine,
+        connect=connect if engine == "ray" else None,
+    )  # fmt: skip
     counts = result.counts
     typer.echo(
         f"{result.expected} outputs in the manifest: {result.verified} verified, "
@@ -312,6 +401,25 @@ def export_bag_command(
         ),
     ] = None,
     workers: Annotated[int, typer.Option(min=1, help="Files copied at once.")] = 8,
+    approved_only: Annotated[
+        bool,
+        typer.Option(
+            "--approved-only",
+            help="Only outputs a curator approved in `chromascan review` (that exact output).",
+        ),
+    ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            metavar="[ray|threads]",
+            help="ray: copy in Ray Data tasks (a local cluster unless --address; BAG must be "
+            "writable from the cluster); threads: copy on this machine.",
+        ),
+    ] = "ray",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to copy on (ray://HOST:10001, HOST:6379, auto)."),
+    ] = None,
 ) -> None:
     """Write a BagIt (RFC 8493) bag of the outputs, checked against the manifest.
 
@@ -321,7 +429,17 @@ def export_bag_command(
     """
     from pipeline.bag import export_bag
 
-    result = export_bag(dst, bag, software=_software(), info=_info_fields(info), workers=workers)
+    engine = _choice(engine, ENGINES, "engine", "--engine") or "ray"
+
+    def connect() -> None:
+        from jobs.runtime import ensure_ray
+
+        ensure_ray(address)
+
+    result = export_bag(
+        dst, bag, software=_software(), info=_info_fields(info), workers=workers,
+        approved_only=approved_only, engine=engine, connect=connect,
+    )  # fmt: skip
     typer.echo(
         f"wrote bag {result.bag}: {result.files} files, {_megabytes(result.octets)} from "
         f"{result.runs} runs in {result.elapsed_s:.1f} s"
@@ -347,11 +465,17 @@ def report_command(
         int | None, typer.Option(min=1, help="Thumbnails made at once; default up to 4.")
     ] = None,
 ) -> None:
-    """One self-contained HTML page: before/after thumbnails, statuses, failures, runs."""
+    """One self-contained HTML page of a bounded size at any archive size.
+
+    Totals, runs, every failure kind with its count and up to 10 of its inputs, and samples
+    of the outputs (least and most colourful, newest, seeded random; 24 each) with before and
+    after thumbnails. The page names the commands that show the rest.
+    """
     from pipeline.report import write_report
 
     result = write_report(dst, out, software=_software(), thumb_size=thumb_size, workers=workers)
     typer.echo(
-        f"wrote {result.out}: {result.cards} sources ({result.failed} failing), "
-        f"{result.thumbnails} thumbnails, {_megabytes(result.octets)} in {result.elapsed_s:.1f} s"
+        f"wrote {result.out}: {result.sources} sources ({result.failed} failing), "
+        f"{result.cards} cards sampled, {result.thumbnails} thumbnails, "
+        f"{_megabytes(result.octets)} in {result.elapsed_s:.1f} s"
     )

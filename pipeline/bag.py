@@ -39,7 +39,7 @@ import io
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.manifest_query import APPROVED, ManifestQuery
 from pipeline.manifest_tools import (
     OUTPUT_PATH,
     ManifestToolError,
@@ -58,7 +59,7 @@ from pipeline.manifest_tools import (
     read_run_summary,
 )
 from pipeline.provenance import DIGITAL_SOURCE_TYPE, redact_uri
-from pipeline.storage import StorageError, filesystem, join
+from pipeline.storage import StorageError, filesystem, join, portable_storage_options
 
 BAGIT_TXT = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
 ALGORITHMS = ("sha256", "sha512")
@@ -182,8 +183,16 @@ def export_bag(
     storage_options: Mapping[str, Any] | None = None,
     workers: int = 8,
     now: datetime | None = None,
+    approved_only: bool = False,
+    engine: str = "threads",
+    connect: Callable[[], None] | None = None,
 ) -> BagResult:
     """Write a BagIt bag of DST's current outputs to ``bag`` (a new or empty folder or prefix).
+
+    ``engine``: "threads" copies on this machine; "ray" copies in Ray Data tasks (``workers``
+    at a time) on the cluster ``connect`` joins, so ``bag`` must be a place the cluster can
+    write (a bucket, or a local folder for a local Ray). ``approved_only``: only the outputs
+    whose latest review decision approves them in their current form.
 
     Raises:
         BagError: the bag location is taken, an output is missing or changed, or a path
@@ -199,6 +208,13 @@ def export_bag(
             f"{unlocatable.num_rows} ok manifest rows name outputs outside {redact_uri(dst)}"
             f"/images (e.g. {unlocatable['output_uri'][0].as_py()}); cannot bag them"
         )
+    if approved_only:
+        outputs = _approved(dst, outputs, storage_options)
+        if outputs.num_rows == 0:
+            raise BagError(
+                f"{redact_uri(dst)}: no approved outputs to bag (approve some with "
+                "`chromascan review`)"
+            )
     if outputs.num_rows == 0:
         raise BagError(f"{redact_uri(dst)}: no coloured outputs to bag (no ok manifest rows)")
     _check_paths(outputs[OUTPUT_PATH])
@@ -208,8 +224,11 @@ def export_bag(
     existed = _claim(bag_fs, bag_root, bag)
     try:
         bag_fs.makedirs(bag_root, exist_ok=True)
+        if engine == "ray" and connect is not None:
+            connect()
         octets, manifest_digests = _write_payload(
-            dst, bag_fs, bag_root, outputs, storage_options=storage_options, workers=workers,
+            dst, bag, bag_fs, bag_root, outputs, storage_options=storage_options,
+            workers=workers, engine=engine,
         )  # fmt: skip
         run_ids = sorted(set(outputs["run_id"].to_pylist()))
         models = _models(outputs)
@@ -246,6 +265,19 @@ def export_bag(
         runs=len(run_ids),
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _approved(dst: str, outputs: pa.Table, storage_options: Mapping[str, Any] | None) -> pa.Table:
+    """The outputs whose latest decision in DST/review/ approves that very output (sha256)."""
+    with ManifestQuery(dst, storage_options=storage_options) as query:
+        approved = query.table(
+            "SELECT DISTINCT source_uri, output_sha256 FROM outputs WHERE review = ?", [APPROVED]
+        )
+    if approved.num_rows == 0:
+        return outputs.slice(0, 0)
+    keys = approved.append_column("approved", pa.array([True] * approved.num_rows))
+    joined = outputs.join(keys, keys=["source_uri", "output_sha256"], join_type="inner")
+    return joined.drop_columns(["approved"]).select(outputs.column_names).sort_by(OUTPUT_PATH)
 
 
 def _claim(fs: Any, root: str, shown: str) -> bool:
@@ -285,39 +317,33 @@ def _write(fs: Any, path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def _write_payload(
-    dst: str,
-    bag_fs: Any,
-    bag_root: str,
-    outputs: pa.Table,
-    *,
-    storage_options: Mapping[str, Any] | None,
-    workers: int,
-) -> tuple[int, dict[str, dict[str, str]]]:
-    """Copy every output into data/, hashing as it goes; write the payload manifests.
+class _Copier:
+    """Copies outputs into the bag's data/, hashing as it goes; made where it runs."""
 
-    Returns the payload's total size and each manifest file's own digests (for the tag
-    manifests), so neither manifest has to be read back.
-    """
-    src_fs, images_root = filesystem(join(dst, "images"), storage_options)
-    images_root = images_root.rstrip("/")
-    made: set[str] = set()
+    def __init__(self, dst: str, bag: str, storage_options: Mapping[str, Any] | None) -> None:
+        self.dst = dst
+        self.src_fs, images_root = filesystem(join(dst, "images"), storage_options)
+        self.images_root = images_root.rstrip("/")
+        self.bag_fs, bag_root = filesystem(bag, storage_options)
+        self.bag_root = bag_root.rstrip("/")
+        self.made: set[str] = set()
 
-    def copy(row: dict[str, Any]) -> tuple[str, dict[str, str], int]:
+    def copy(self, row: Mapping[str, Any]) -> tuple[str, dict[str, str], int]:
         path = row[OUTPUT_PATH]
-        target = f"{bag_root}/data/{path}"
+        target = f"{self.bag_root}/data/{path}"
         parent = target.rsplit("/", 1)[0]
-        if parent not in made:
-            bag_fs.makedirs(parent, exist_ok=True)
-            made.add(parent)
+        if parent not in self.made:
+            self.bag_fs.makedirs(parent, exist_ok=True)
+            self.made.add(parent)
         try:
-            with bag_fs.open(target, "wb") as handle:
+            with self.bag_fs.open(target, "wb") as handle:
                 digests, size = hash_stream(
-                    src_fs, f"{images_root}/{path}", algorithms=ALGORITHMS, copy_to=handle
-                )
+                    self.src_fs, f"{self.images_root}/{path}", algorithms=ALGORITHMS,
+                    copy_to=handle,
+                )  # fmt: skip
         except FileNotFoundError as err:
             raise BagError(
-                f"{path}: in the manifest but missing from {redact_uri(dst)}/images "
+                f"{path}: in the manifest but missing from {redact_uri(self.dst)}/images "
                 "(manifest verify lists every problem)"
             ) from err
         if digests["sha256"] != row["output_sha256"]:
@@ -327,18 +353,110 @@ def _write_payload(
             )
         return path, digests, size
 
+
+RAY_BATCH_ROWS = 64  # outputs per copy task
+
+
+def copy_batch(
+    batch: pa.Table, *, dst: str, bag: str, storage_options: Mapping[str, Any] | None
+) -> pa.Table:
+    """Ray Data stage: copy one batch into the bag; (path, digests, size) or the error."""
+    copier = _Copier(dst, bag, storage_options)
+    paths, sha256, sha512, sizes, errors = [], [], [], [], []
+    for row in batch.to_pylist():
+        try:
+            path, digests, size = copier.copy(row)
+        except (BagError, OSError) as err:
+            path, digests, size = row[OUTPUT_PATH], {}, 0
+            errors.append(str(err) if isinstance(err, BagError) else f"{path}: {err}")
+        else:
+            errors.append(None)
+        paths.append(path)
+        sha256.append(digests.get("sha256"))
+        sha512.append(digests.get("sha512"))
+        sizes.append(size)
+    return pa.table({"path": paths, "sha256": sha256, "sha512": sha512, "size": sizes,
+                     "error": pa.array(errors, pa.string())})  # fmt: skip
+
+
+def _task_options(
+    dst: str, bag: str, storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The driver's S3 settings for the tasks (they may not share its environment)."""
+    if storage_options is not None:
+        return dict(storage_options)
+    s3_url = next((url for url in (dst, bag) if url.startswith("s3")), None)
+    return portable_storage_options(s3_url) if s3_url else None
+
+
+def _copy_on_ray(
+    outputs: pa.Table,
+    *,
+    dst: str,
+    bag: str,
+    storage_options: Mapping[str, Any] | None,
+    workers: int,
+) -> Iterator[tuple[str, dict[str, str], int]]:
+    """Copy in Ray Data tasks where the files are; yield what the payload manifests need."""
+    import ray.data  # noqa: PLC0415  (Ray only where it is asked for)
+
+    table = outputs.select([OUTPUT_PATH, "output_sha256"])
+    blocks = [table.slice(start, RAY_BATCH_ROWS)
+              for start in range(0, table.num_rows, RAY_BATCH_ROWS)]  # fmt: skip
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        copy_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={
+            "dst": dst,
+            "bag": bag,
+            "storage_options": _task_options(dst, bag, storage_options),
+        },
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            if row["error"] is not None:
+                raise BagError(row["error"])
+            yield row["path"], {"sha256": row["sha256"], "sha512": row["sha512"]}, row["size"]
+
+
+def _write_payload(
+    dst: str,
+    bag: str,
+    bag_fs: Any,
+    bag_root: str,
+    outputs: pa.Table,
+    *,
+    storage_options: Mapping[str, Any] | None,
+    workers: int,
+    engine: str = "threads",
+) -> tuple[int, dict[str, dict[str, str]]]:
+    """Copy every output into data/, hashing as it goes; write the payload manifests.
+
+    Returns the payload's total size and each manifest file's own digests (for the tag
+    manifests), so neither manifest has to be read back.
+    """
     rows = (
         row
         for batch in outputs.select([OUTPUT_PATH, "output_sha256"]).to_batches(1024)
         for row in batch.to_pylist()
     )
+    if engine == "ray":
+        copied: Iterator[tuple[str, dict[str, str], int]] = _copy_on_ray(
+            outputs, dst=dst, bag=bag, storage_options=storage_options, workers=workers
+        )
+    else:
+        copier = _Copier(dst, bag, storage_options)
+        copied = ordered_map(copier.copy, rows, workers=workers)
     octets = 0
     writers = {
         name: _HashedWriter(bag_fs.open(f"{bag_root}/manifest-{name}.txt", "wb"))
         for name in ALGORITHMS
     }
     try:
-        for path, digests, size in ordered_map(copy, rows, workers=workers):
+        for path, digests, size in copied:
             octets += size
             for name, writer in writers.items():
                 writer.write(f"{digests[name]}  data/{encode_manifest_path(path)}\n".encode())

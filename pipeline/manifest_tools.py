@@ -17,7 +17,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.manifest import read_manifest
+from pipeline.manifest_query import REVIEW_STATES, ManifestQuery
 from pipeline.provenance import redact_uri
 from pipeline.schema import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from pipeline.storage import StorageError, filesystem, join, read_bytes
@@ -275,6 +276,8 @@ class ManifestSummary:
     models: dict[str, int]  # rows per model id
     elapsed_s: float
     images_per_second: float | None
+    # Current outputs by review state (approved, rejected, pending): DST/review/ decisions.
+    reviews: dict[str, int] = field(default_factory=dict)
 
 
 def _counts(table: pa.Table, column: str) -> dict[str, int]:
@@ -417,6 +420,129 @@ def summarize(
         models=_counts(table, "model_id"),
         elapsed_s=elapsed_total,
         images_per_second=rows_timed / elapsed_total if elapsed_total else None,
+    )
+
+
+def summarize_query(query: ManifestQuery) -> ManifestSummary:
+    """``summarize`` as aggregate queries: memory holds counts, never the rows.
+
+    Same figures as ``summarize`` over ``read_manifest``'s table, for manifests of any size.
+    """
+    dst, options = query.dst, query.storage_options
+
+    def grouped(sql: str) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for run_id, name, count in query.pairs(sql):
+            result.setdefault(run_id, {})[name] = int(count)
+        return result
+
+    def ordered(counts: dict[str, int]) -> dict[str, int]:
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def statuses(counts: dict[str, int]) -> dict[str, int]:
+        order = {status: index for index, status in enumerate(STATUSES)}
+        return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+    per_run = {
+        run_id: (int(rows), started, finished)
+        for run_id, rows, started, finished in query.pairs(
+            "SELECT run_id, count(*), min(started_at), max(finished_at) FROM manifest "
+            "WHERE run_id IS NOT NULL GROUP BY run_id"
+        )
+    }
+    run_statuses = grouped(
+        "SELECT run_id, status, count(*) FROM manifest WHERE run_id IS NOT NULL "
+        "AND status IS NOT NULL GROUP BY ALL"
+    )
+    run_errors = grouped(
+        "SELECT run_id, error_type, count(*) FROM manifest WHERE run_id IS NOT NULL "
+        "AND error_type IS NOT NULL GROUP BY ALL"
+    )
+    run_models = grouped(
+        "SELECT run_id, model_id, count(*) FROM manifest WHERE run_id IS NOT NULL "
+        "AND model_id IS NOT NULL GROUP BY ALL"
+    )
+    runs = []
+    for run_id in sorted({*per_run, *run_summary_ids(dst, storage_options=options)}):
+        rows, started, finished = per_run.get(run_id, (0, None, None))
+        runs.append(
+            _run_stats_from_counts(
+                run_id,
+                rows=rows,
+                started=started,
+                finished=finished,
+                statuses=statuses(run_statuses.get(run_id, {})),
+                error_types=ordered(run_errors.get(run_id, {})),
+                models=ordered(run_models.get(run_id, {})),
+                document=read_run_summary(dst, run_id, storage_options=options),
+            )
+        )
+
+    def counts(sql: str) -> dict[str, int]:
+        return {name: int(count) for name, count in query.pairs(sql) if name is not None}
+
+    latest_statuses = statuses(counts("SELECT status, count(*) FROM latest GROUP BY ALL"))
+    reviews = counts("SELECT review, count(*) FROM outputs GROUP BY ALL")
+    timed = [run for run in runs if run.elapsed_s is not None]
+    elapsed_total = sum(run.elapsed_s or 0.0 for run in timed)
+    rows_timed = sum(run.rows for run in timed)
+    return ManifestSummary(
+        dst=redact_uri(dst),
+        runs=runs,
+        rows=int(query.scalar("SELECT count(*) FROM manifest")),
+        statuses=statuses(counts("SELECT status, count(*) FROM manifest GROUP BY ALL")),
+        sources=sum(latest_statuses.values())
+        + int(query.scalar("SELECT count(*) FROM latest WHERE status IS NULL")),
+        latest_statuses=latest_statuses,
+        outputs=int(query.scalar("SELECT count(*) FROM outputs")),
+        error_types=ordered(counts("SELECT error_type, count(*) FROM latest GROUP BY ALL")),
+        models=ordered(counts("SELECT model_id, count(*) FROM manifest GROUP BY ALL")),
+        elapsed_s=elapsed_total,
+        images_per_second=rows_timed / elapsed_total if elapsed_total else None,
+        reviews={state: reviews.get(state, 0) for state in REVIEW_STATES},
+    )
+
+
+def _run_stats_from_counts(
+    run_id: str,
+    *,
+    rows: int,
+    started: datetime | None,
+    finished: datetime | None,
+    statuses: dict[str, int],
+    error_types: dict[str, int],
+    models: dict[str, int],
+    document: Mapping[str, Any] | None,
+) -> RunStats:
+    run = (document or {}).get("run") or {}
+    if run.get("elapsed_s") is not None:
+        elapsed: float | None = float(run["elapsed_s"])
+        timing_from = "run summary"
+        started_text = run.get("started_at") or _iso(started)
+        finished_text = run.get("finished_at") or _iso(finished)
+    else:
+        elapsed = (finished - started).total_seconds() if started and finished else None
+        timing_from = "manifest"
+        started_text, finished_text = _iso(started), _iso(finished)
+    if not models and run.get("model_id"):
+        models = {str(run["model_id"]): 0}
+    already_done = None
+    if run.get("skipped") is not None:
+        # The run summary counts inputs the ledger already had as skipped; they have no row.
+        already_done = int(run["skipped"]) - statuses.get(STATUS_SKIPPED, 0)
+    return RunStats(
+        run_id=run_id,
+        rows=rows,
+        statuses=statuses,
+        error_types=error_types,
+        models=models,
+        started_at=started_text,
+        finished_at=finished_text,
+        elapsed_s=elapsed,
+        images_per_second=rows / elapsed if elapsed else None,
+        timing_from=timing_from,
+        listed=run.get("listed"),
+        already_done=already_done,
     )
 
 

@@ -31,16 +31,14 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from pipeline.manifest_query import ManifestQuery
 from pipeline.manifest_tools import (
     OUTPUT_PATH,
     STATUSES,
     ManifestSummary,
     RunStats,
-    latest_rows,
-    open_manifest,
     ordered_map,
-    summarize,
-    with_output_path,
+    summarize_query,
 )
 from pipeline.provenance import redact_uri
 from pipeline.schema import STATUS_FAILED, STATUS_OK
@@ -71,7 +69,8 @@ class Thumbnail:
 @dataclass(frozen=True)
 class ReportResult:
     out: str
-    cards: int
+    sources: int  # in the manifest
+    cards: int  # on the page (samples: at most 4 × SAMPLE_SIZE + the listed failures)
     failed: int
     thumbnails: int  # <img> elements on the page
     placeholders: int  # previews that could not be made (unreadable scan, missing output)
@@ -79,10 +78,10 @@ class ReportResult:
     elapsed_s: float
 
 
-def make_thumbnail(
+def thumbnail_jpeg(
     data: bytes, *, size: int = DEFAULT_THUMB_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Thumbnail:
-    """A JPEG data: URI at most ``size`` px on its longer side, orientation applied.
+) -> tuple[bytes, int, int]:
+    """(JPEG bytes, width, height) at most ``size`` px on the longer side, orientation applied.
 
     Uses the pipeline's decoder, so 16-bit scans are scaled rather than clipped, CMYK and
     palette files look right and JPEGs decode at a reduced scale (fast for big scans).
@@ -98,8 +97,20 @@ def make_thumbnail(
     image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Thumbnail(f"data:image/jpeg;base64,{encoded}", image.width, image.height)
+    return buffer.getvalue(), image.width, image.height
+
+
+def make_thumbnail(
+    data: bytes, *, size: int = DEFAULT_THUMB_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Thumbnail:
+    """``thumbnail_jpeg`` as a data: URI, for a page that embeds its images.
+
+    Raises:
+        DecodeError: the bytes are not a decodable image.
+    """
+    jpeg, width, height = thumbnail_jpeg(data, size=size, max_pixels=max_pixels)
+    encoded = base64.b64encode(jpeg).decode("ascii")
+    return Thumbnail(f"data:image/jpeg;base64,{encoded}", width, height)
 
 
 def colourfulness_words(value: float) -> str:
@@ -186,7 +197,7 @@ footer { color: var(--muted); font-size: 12.5px; padding: 36px 24px 28px; }
 
 _JS = """
 (() => {
-  const cards = Array.from(document.querySelectorAll("#grid > .card"));
+  const cards = Array.from(document.querySelectorAll(".grid > .card"));
   const buttons = Array.from(document.querySelectorAll("button[data-filter]"));
   const search = document.getElementById("q");
   const shown = document.getElementById("shown");
@@ -391,6 +402,24 @@ def _display_name(row: Mapping[str, Any]) -> str:
     return str(row["relative_path"] or row["source_uri"])
 
 
+# Caps that keep the page the same size at any archive size: at most
+# 4 × SAMPLE_SIZE ok cards (two thumbnails each) and FAILURE_KINDS_LISTED × FAILURES_PER_KIND
+# failed cards (one thumbnail each), whatever the manifest holds.
+SAMPLE_SIZE = 24
+FAILURE_KINDS_LISTED = 20
+FAILURES_PER_KIND = 10
+RUNS_LISTED = 100
+SAMPLE_SEED = 20  # the random sample is the same on every rebuild of an unchanged DST
+
+# (section id, heading, ORDER BY over the current outputs)
+_SAMPLES = (
+    ("least", "Least colourful", "colorfulness ASC NULLS LAST, output_path"),
+    ("most", "Most colourful", "colorfulness DESC NULLS LAST, output_path"),
+    ("newest", "Newest", "finished_at DESC NULLS LAST, output_path"),
+    ("random", "Random sample", f"hash(output_path || '{SAMPLE_SEED}'), output_path"),
+)
+
+
 def write_report(
     dst: str,
     out: str,
@@ -401,26 +430,19 @@ def write_report(
     workers: int | None = None,
     now: datetime | None = None,
 ) -> ReportResult:
-    """Write the HTML report of DST to ``out`` (a path or URL).
+    """Write the HTML report of DST to ``out`` (a path or URL), bounded at any archive size.
+
+    Totals, runs, every failure kind with its count and a capped list, and capped samples of
+    the outputs (least and most colourful, newest, seeded random); the page says what was
+    sampled and which command shows the rest.
 
     Raises:
         StorageError: DST cannot be read or ``out`` cannot be written.
         ManifestToolError: DST holds no manifest.
     """
     started = time.perf_counter()
-    table = open_manifest(dst, storage_options=storage_options)
-    summary = summarize(table, dst, storage_options=storage_options)
-    latest = with_output_path(latest_rows(table, "source_uri"), dst)
-    latest = latest.sort_by([("relative_path", "ascending"), ("source_uri", "ascending")])
     workers = workers or min(4, os.cpu_count() or 1)
-
-    def rows() -> Iterator[dict[str, Any]]:
-        for index, row in enumerate(_iter_rows(latest)):
-            row["card_id"] = f"s-{index + 1}"
-            row["name"] = _display_name(row)
-            yield row
-
-    failed = [row for row in rows() if row["status"] == STATUS_FAILED]
+    summary, kinds, failed, samples = _gather(dst, storage_options)
 
     def previews(row: dict[str, Any]) -> tuple[dict[str, Any], Thumbnail | str, Any]:
         scan = _preview(row["source_uri"], "scan", thumb_size, storage_options)
@@ -432,12 +454,13 @@ def write_report(
             output = "output not recorded"
         return row, scan, output
 
-    thumbnails = placeholders = 0
+    thumbnails = placeholders = cards = 0
     css = _CSS % {"thumb": thumb_size}
     policy = (
         f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; "
         f"script-src {_csp_hash(_JS)}; base-uri 'none'; form-action 'none'"
     )
+    shown = _e(summary.dst)
     try:
         with _open_output(out) as handle:
             written = 0
@@ -448,27 +471,37 @@ def write_report(
                 written += len(data)
                 handle.write(data)
 
+            def gallery(rows: list[dict[str, Any]]) -> None:
+                nonlocal thumbnails, placeholders, cards
+                emit('<div class="grid">')
+                for row, scan, output in ordered_map(previews, rows, workers=workers):
+                    for preview in (scan, output):
+                        if isinstance(preview, Thumbnail):
+                            thumbnails += 1
+                        elif preview is not None:
+                            placeholders += 1
+                    cards += 1
+                    emit(_card(row, scan, output))
+                emit("</div>")
+
             for text in _head(summary, policy, css, software, now or datetime.now(UTC)):
                 emit(text)
-            emit('<section id="runs"><h2>Runs</h2>')
-            for text in _runs_table(summary.runs):
+            for text in _overview(summary, kinds, failed, shown):
                 emit(text)
-            emit(f'</section><section id="failed"><h2>Failed inputs '
-                 f'<span class="count">({len(failed)})</span></h2>')  # fmt: skip
-            for text in _failed_table(failed):
+            for text in _toolbar(summary, sum(len(rows) for _, _, rows in samples) + len(failed)):
                 emit(text)
-            emit("</section>")
-            for text in _toolbar(summary, latest.num_rows):
-                emit(text)
-            for row, scan, output in ordered_map(previews, rows(), workers=workers):
-                for preview in (scan, output):
-                    if isinstance(preview, Thumbnail):
-                        thumbnails += 1
-                    elif preview is not None:
-                        placeholders += 1
-                emit(_card(row, scan, output))
+            emit(_samples_note(summary.outputs, shown))
+            for key, heading, rows in samples:
+                emit(f'<section id="sample-{key}"><h3>{_e(heading)} <span class="count">'
+                     f"({len(rows)}; {_e(_SAMPLE_ORDERS[key])})</span></h3>")  # fmt: skip
+                gallery(rows)
+                emit("</section>")
+            if failed:
+                emit('<section id="sample-failed"><h3>Failed inputs listed above</h3>')
+                gallery(failed)
+                emit("</section>")
             emit(
-                '</div><p id="empty" hidden>No image matches the filter.</p></section></main>'
+                '<p id="empty" hidden>No image matches the filter.</p></section></main>'
                 "<footer>Thumbnails are embedded in this page; it needs neither the scans nor "
                 f"the outputs to be viewed. Made by {_e(software)}.</footer>"
                 f"<script>{_JS}</script></body></html>\n"
@@ -481,13 +514,113 @@ def write_report(
         ) from err
     return ReportResult(
         out=redact_uri(out),
-        cards=latest.num_rows,
-        failed=len(failed),
+        sources=summary.sources,
+        cards=cards,
+        failed=summary.latest_statuses.get(STATUS_FAILED, 0),
         thumbnails=thumbnails,
         placeholders=placeholders,
         octets=written,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _overview(
+    summary: ManifestSummary,
+    kinds: list[tuple[Any, ...]],
+    failed: list[dict[str, Any]],
+    shown: str,
+) -> Iterator[str]:
+    """The runs and failures sections, each capped and saying how to see the rest."""
+    yield '<section id="runs"><h2>Runs</h2>'
+    runs = summary.runs[-RUNS_LISTED:]
+    if len(summary.runs) > len(runs):
+        yield (f'<p class="sub">The latest {len(runs)} of {len(summary.runs)} runs; all '
+               f"of them: <code>chromascan manifest summary {shown}</code></p>")  # fmt: skip
+    yield from _runs_table(runs)
+    failing = summary.latest_statuses.get(STATUS_FAILED, 0)
+    yield (f'</section><section id="failed"><h2>Failed inputs '
+           f'<span class="count">({failing})</span></h2>')  # fmt: skip
+    yield from _kinds_table(kinds, shown)
+    if failed:
+        yield (f'<p class="sub">Up to {FAILURES_PER_KIND} inputs of each of the '
+               f"{min(len(kinds), FAILURE_KINDS_LISTED)} most common kinds, by path; "
+               f"all of a kind: <code>chromascan manifest show {shown} --latest "
+               "--status failed --error-type KIND</code></p>")  # fmt: skip
+    yield from _failed_table(failed)
+    yield "</section>"
+
+
+def _gather(
+    dst: str, storage_options: Mapping[str, Any] | None
+) -> tuple[ManifestSummary, list[tuple[Any, ...]], list[dict[str, Any]], list[Any]]:
+    """What the page shows, in a few bounded queries: summary, kinds, failures, samples."""
+    with ManifestQuery(dst, storage_options=storage_options) as query:
+        summary = summarize_query(query)
+        kinds = query.pairs(
+            "SELECT error_type, count(*) AS n FROM latest WHERE status = ? "
+            "GROUP BY ALL ORDER BY n DESC, error_type NULLS LAST",
+            [STATUS_FAILED],
+        )
+        failed = _rows(query.table(
+            "SELECT * FROM latest WHERE status = ? AND coalesce(error_type, '') IN "
+            "(SELECT coalesce(error_type, '') AS kind FROM latest WHERE status = ? GROUP BY kind "
+            f"ORDER BY count(*) DESC, kind LIMIT {FAILURE_KINDS_LISTED}) "
+            "QUALIFY row_number() OVER (PARTITION BY error_type ORDER BY source_uri) "
+            f"<= {FAILURES_PER_KIND} ORDER BY error_type, source_uri",
+            [STATUS_FAILED, STATUS_FAILED],
+        ))  # fmt: skip
+        samples = [
+            (key, heading, _rows(query.table(
+                f"SELECT * FROM outputs ORDER BY {order} LIMIT {SAMPLE_SIZE}"
+            )))
+            for key, heading, order in _SAMPLES
+        ]  # fmt: skip
+    for index, row in enumerate(failed):
+        row["card_id"] = f"s-f{index + 1}"
+        row[OUTPUT_PATH] = None
+    for key, _heading, rows in samples:
+        for index, row in enumerate(rows):
+            row["card_id"] = f"s-{key}{index + 1}"
+    return summary, kinds, failed, samples
+
+
+def _rows(table: pa.Table) -> list[dict[str, Any]]:
+    rows = table.to_pylist()
+    for row in rows:
+        row["name"] = _display_name(row)
+    return rows
+
+
+_SAMPLE_ORDERS = {
+    "least": "lowest Hasler–Süsstrunk colourfulness first",
+    "most": "highest colourfulness first",
+    "newest": "latest finished first",
+    "random": f"a seeded (seed {SAMPLE_SEED}) hash order of the output paths",
+}
+
+
+def _samples_note(outputs: int, shown: str) -> str:
+    return (
+        f'<p class="sub">{outputs} current outputs; this page shows samples of at most '
+        f"{SAMPLE_SIZE} each (a scan may appear in more than one). Browse, filter and review "
+        f"all of them: <code>chromascan review {shown}</code>; list them: "
+        f"<code>chromascan manifest show {shown} --status ok</code>.</p>"
+    )
+
+
+def _kinds_table(kinds: list[tuple[Any, ...]], shown: str) -> Iterator[str]:
+    if not kinds:
+        return
+    yield (
+        '<div class="scroll"><table><thead><tr><th>error type</th><th>inputs failing now</th>'
+        "</tr></thead><tbody>"
+    )
+    for error_type, count in kinds:
+        yield (
+            f"<tr><td><code>{_e(error_type or '(none recorded)')}</code></td>"
+            f'<td class="num">{int(count):,}</td></tr>'
+        )
+    yield "</tbody></table></div>"
 
 
 def _iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
@@ -534,6 +667,8 @@ def _head(
     yield _stat(len(summary.runs), "runs")
     yield _stat(summary.rows, "attempts")
     yield _stat(len(summary.models), "models" if len(summary.models) != 1 else "model")
+    for state, count in summary.reviews.items():
+        yield _stat(count, f"{state} by curators" if state != "pending" else "awaiting review")
     if summary.images_per_second is not None:
         yield _stat(f"{summary.images_per_second:.2f}", "images/s overall")
     yield "</section>"
@@ -542,7 +677,7 @@ def _head(
 def _toolbar(summary: ManifestSummary, cards: int) -> Iterator[str]:
     latest = summary.latest_statuses
     yield (
-        f'<section id="images"><h2>Images <span class="count">({cards})</span></h2>'
+        f'<section id="images"><h2>Samples <span class="count">({cards} cards)</span></h2>'
         '<div class="toolbar" role="toolbar" aria-label="Filter images">'
         f'<button type="button" data-filter="all" aria-pressed="true">All {cards}</button>'
     )
@@ -550,10 +685,10 @@ def _toolbar(summary: ManifestSummary, cards: int) -> Iterator[str]:
         if latest.get(status):
             yield (
                 f'<button type="button" data-filter="{_e(status)}" aria-pressed="false">'
-                f"{_e(status)} {latest[status]}</button>"
+                f"{_e(status)}</button>"
             )
     yield (
         '<input id="q" type="search" placeholder="Filter by file name" '
         'aria-label="Filter by file name" autocomplete="off">'
-        '<span id="shown" aria-live="polite"></span></div><div class="grid" id="grid">'
+        '<span id="shown" aria-live="polite"></span></div>'
     )

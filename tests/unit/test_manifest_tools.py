@@ -165,7 +165,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def test_verify_passes_on_a_clean_dst(dst: Dst, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(capsys, "manifest", "verify", str(dst.root))
+    code, out, err = _run(capsys, "manifest", "verify", str(dst.root), "--engine", "threads")
     assert (code, err) == (0, "")
     assert out.startswith(
         "3 outputs in the manifest: 3 verified, 0 changed, 0 missing, 0 unreadable; "
@@ -185,7 +185,7 @@ def test_verify_catches_modified_deleted_and_extra_files(
     dst.output("box2/extra.png").write_bytes(b"stray")
     dst.output("box2/.c d é.png.1234.tmp").write_bytes(b"half")  # a crashed write's leftover
 
-    code, out, err = _run(capsys, "manifest", "verify", str(dst.root))
+    code, out, err = _run(capsys, "manifest", "verify", str(dst.root), "--engine", "threads")
     assert code == 3
     assert err == f"chromascan: verify found 4 problems under {dst.root}/images\n"
     lines = out.splitlines()
@@ -212,11 +212,11 @@ def test_verify_takes_the_latest_ok_row_of_each_output(
         dst.ok_row("box1/a.jpg", 10, minutes=60 * 24),
         dst.failed_row("box1/b.jpg", "OSError", "truncated", minutes=60 * 24),
     ])  # fmt: skip
-    code, out, _ = _run(capsys, "manifest", "verify", str(dst.root))
+    code, out, _ = _run(capsys, "manifest", "verify", str(dst.root), "--engine", "threads")
     assert code == 0, out
     # Night 1's bytes for a.png would now be a change.
     dst.output("box1/a.png").write_bytes(_png(1))
-    code, out, _ = _run(capsys, "manifest", "verify", str(dst.root))
+    code, out, _ = _run(capsys, "manifest", "verify", str(dst.root), "--engine", "threads")
     assert code == 3
     assert out.startswith("changed    box1/a.png")
 
@@ -227,10 +227,10 @@ def test_verify_works_on_a_copied_dst(
     # output_uri names the old place; outputs are found through the mirrored source path.
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(dst.root, copy)
-    code, out, _ = _run(capsys, "manifest", "verify", str(copy))
+    code, out, _ = _run(capsys, "manifest", "verify", str(copy), "--engine", "threads")
     assert code == 0, out
     (copy / "images/box2/c d é.png").unlink()
-    code, out, _ = _run(capsys, "manifest", "verify", str(copy))
+    code, out, _ = _run(capsys, "manifest", "verify", str(copy), "--engine", "threads")
     assert code == 3
     assert out.startswith("missing    box2/c d é.png")
 
@@ -313,6 +313,7 @@ def test_summary_per_run_and_overall(dst: Dst, capsys: pytest.CaptureFixture[str
         "failing now: 1 × OSError",
         "failing now: 1 × UnidentifiedImageError",
         f"models: 5 {MODEL}",
+        "review of the outputs: 0 approved, 0 rejected, 3 pending",
         "throughput: 0.53 images/s over 9.5 s of runs",
     ]
     code, out, _ = _run(capsys, "manifest", "summary", str(dst.root), "--json")
@@ -333,7 +334,8 @@ def test_show_table_csv_and_json(dst: Dst, capsys: pytest.CaptureFixture[str]) -
     code, out, _ = _run(capsys, "manifest", "show", str(dst.root), "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0
-    assert tuple(rows[0]) == MANIFEST_COLUMNS
+    # Every manifest column, then the review state of the row's output.
+    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, "review", "review_reason")
     assert len(rows) == 4
 
     code, out, _ = _run(capsys, "manifest", "show", str(dst.root), "--status", "failed",
@@ -341,7 +343,7 @@ def test_show_table_csv_and_json(dst: Dst, capsys: pytest.CaptureFixture[str]) -
     rows = json.loads(out)
     assert code == 0
     assert [row["relative_path"] for row in rows] == ["box2/broken.jpg"]
-    assert tuple(rows[0]) == MANIFEST_COLUMNS
+    assert tuple(rows[0]) == (*MANIFEST_COLUMNS, "review", "review_reason")
     assert rows[0]["finished_at"] == "2026-01-01T01:00:01+00:00"
     assert out.count("\n") == 3  # "[", one line per row, "]"
 
@@ -459,6 +461,7 @@ def test_export_bag_is_valid_for_the_reference_validator(
                         dst.ok_row("box3/two\nlines.jpg", 8, minutes=60)])  # fmt: skip
     bag_path = tmp_path / "bag"
     code, out, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(bag_path),
+                          "--engine", "threads",
                           "--info", "Source-Organization=City Archive & Co.")  # fmt: skip
     assert (code, err) == (0, ""), err
     assert out.startswith(f"wrote bag {bag_path}: 5 files, ")
@@ -504,7 +507,8 @@ def test_export_bag_refuses_changed_outputs_and_leaves_nothing(
     dst: Dst, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dst.output("box1/b.png").write_bytes(b"tampered")
-    code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"))
+    code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"),
+                        "--engine", "threads")  # fmt: skip
     assert code == 1
     assert err == (
         "chromascan: box1/b.png: sha256 differs from the manifest's; it was changed after "
@@ -554,7 +558,9 @@ def test_report_escapes_file_names_and_embeds_everything(
     out = tmp_path / "r" / "report.html"
     code, stdout, err = _run(capsys, "manifest", "report", str(dst.root), "--out", str(out))
     assert (code, err) == (0, "")
-    assert stdout.startswith(f"wrote {out}: 5 sources (1 failing), 8 thumbnails, ")
+    # 4 outputs, each in all 4 samples (fewer than a sample holds), and the failure's card.
+    assert stdout.startswith(f"wrote {out}: 5 sources (1 failing), 17 cards sampled, "
+                             "32 thumbnails, ")  # fmt: skip
     page = out.read_text()
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;q&quot;.jpg" in page
@@ -562,7 +568,7 @@ def test_report_escapes_file_names_and_embeds_everything(
     # Nothing outside the page: no http(s), no file URLs, images only as data: URIs.
     assert "http://" not in page.replace("http://cv.iptc.org", "")
     assert "https://" not in page
-    assert page.count('src="data:image/jpeg;base64,') == 8
+    assert page.count('src="data:image/jpeg;base64,') == 32
     assert 'src="/' not in page
     assert 'loading="lazy"' in page
     assert "cannot identify image" in page
@@ -572,9 +578,11 @@ def test_report_survives_missing_files(dst: Dst, tmp_path: Path) -> None:
     dst.output("box1/a.png").unlink()
     (dst.scans / "box1/b.jpg").unlink()
     result = write_report(str(dst.root), str(tmp_path / "r.html"), software="t", workers=2)
-    assert (result.cards, result.failed) == (4, 1)
-    assert result.thumbnails == 4  # a's scan, b's output, both of c's
-    assert result.placeholders == 3  # output not found, scan not found, no preview (broken)
+    assert (result.sources, result.cards, result.failed) == (4, 13, 1)
+    # In each of the 4 samples: a's scan, b's output, both of c's; a's output and b's scan
+    # missing; the broken scan's card has no preview.
+    assert result.thumbnails == 4 * 4
+    assert result.placeholders == 4 * 2 + 1
     page = (tmp_path / "r.html").read_text()
     assert "output not found" in page
     assert "scan not found" in page
@@ -582,3 +590,109 @@ def test_report_survives_missing_files(dst: Dst, tmp_path: Path) -> None:
 
 def test_no_manifest_error_type_is_user_facing() -> None:
     assert issubclass(BagError, ManifestToolError)
+
+
+# --- Filters, paging and review states (DuckDB over the Parquet) ---------------------------
+
+
+def _paths(out: str) -> list[str]:
+    return [row["relative_path"] for row in json.loads(out)]
+
+
+def test_show_filters_push_down(dst: Dst, capsys: pytest.CaptureFixture[str]) -> None:
+    other = "other@ffffffffffff"
+    dst.add_run(RUN_2, [
+        dst.ok_row("box3/e.jpg", 40, minutes=60, model_id=other),
+        dst.failed_row("box3/f.jpg", "DecodeTimeout", "too slow", minutes=60),
+    ])  # fmt: skip
+
+    def show(*argv: str) -> list[str]:
+        code, out, err = _run(capsys, "manifest", "show", str(dst.root), "--format", "json", *argv)
+        assert code == 0, err
+        return _paths(out)
+
+    assert show("--error-type", "DecodeTimeout") == ["box3/f.jpg"]
+    assert show("--model", other) == ["box3/e.jpg"]
+    assert show("--path", "box1/*") == ["box1/a.jpg", "box1/b.jpg"]
+    assert show("--min-colourfulness", "14", "--max-colourfulness", "16") == [
+        "box1/b.jpg",
+        "box2/c d é.jpg",
+    ]  # fmt: skip  (12.5 + seed: 14.5 and 15.5)
+    assert show("--run", RUN_2, "--status", "ok") == ["box3/e.jpg"]
+    # Paging: pages of two, in source order, together the whole listing exactly once.
+    everything = show()
+    pages = [show("--limit", "2", "--page", str(page)) for page in (1, 2, 3, 4)]
+    assert [len(page) for page in pages] == [2, 2, 2, 0]
+    assert [path for page in pages for path in page] == everything
+    code, _, err = _run(capsys, "manifest", "show", str(dst.root), "--page", "2")
+    assert (code, err.splitlines()[0]) == (
+        2, "chromascan: Invalid value for '--page': --page needs --limit (the page size) "
+        "(see 'chromascan manifest show --help')",
+    )  # fmt: skip
+
+
+def test_review_states_follow_the_current_output(
+    dst: Dst, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.manifest_query import ManifestQuery
+    from pipeline.review import ReviewConfig, ReviewError, create_app
+
+    _, review = create_app(ReviewConfig(dst=str(dst.root), reviewer="Ada",
+                                          cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    a, b, c = (str(dst.scans / name) for name in ("box1/a.jpg", "box1/b.jpg", "box2/c d é.jpg"))
+    assert review.record([a, b], "approved", None) == 2
+    with pytest.raises(ReviewError, match="a rejection needs a reason"):
+        review.record([c], "rejected", None)
+    with pytest.raises(ReviewError, match="no colourised output"):
+        review.record([str(dst.scans / "box2/broken.jpg")], "approved", None)
+    review.record([b], "rejected", "sky turned green")  # the latest decision counts
+    review.close()
+    assert len(list((dst.root / "review").glob("part-*.parquet"))) == 2  # appended, not edited
+
+    def states() -> dict[str, str | None]:
+        code, out, _ = _run(capsys, "manifest", "show", str(dst.root), "--format", "json")
+        assert code == 0
+        return {row["relative_path"]: row["review"] for row in json.loads(out)}
+
+    assert states() == {"box1/a.jpg": "approved", "box1/b.jpg": "rejected",
+                        "box2/c d é.jpg": "pending", "box2/broken.jpg": None}  # fmt: skip
+    code, out, _ = _run(capsys, "manifest", "show", str(dst.root), "--review", "rejected",
+                        "--format", "json")  # fmt: skip
+    assert [(row["relative_path"], row["review_reason"]) for row in json.loads(out)] == [
+        ("box1/b.jpg", "sky turned green")
+    ]
+    code, out, _ = _run(capsys, "manifest", "summary", str(dst.root))
+    assert "review of the outputs: 1 approved, 1 rejected, 1 pending" in out.splitlines()
+
+    # a is coloured again (new bytes, new sha256): the approval was of the old copy.
+    dst.add_run(RUN_2, [dst.ok_row("box1/a.jpg", 7, minutes=60)])
+    assert states()["box1/a.jpg"] == "pending"
+    with ManifestQuery(str(dst.root)) as query:
+        assert query.scalar("SELECT count(*) FROM decisions") == 3  # the old one is kept
+
+    # Only b is bagged as approved once it is approved again; a (pending) and c are left out.
+    _, review = create_app(ReviewConfig(dst=str(dst.root), reviewer="Ada",
+                                        cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    review.record([b], "approved", None)
+    review.close()
+    code, _, err = _run(capsys, "manifest", "export-bag", str(dst.root), str(tmp_path / "bag"),
+                        "--approved-only", "--engine", "threads")  # fmt: skip
+    assert (code, err) == (0, "")
+    bag = bagit.Bag(str(tmp_path / "bag"))
+    bag.validate()
+    assert sorted(bag.payload_files()) == ["data/box1/b.png"]
+
+
+def test_review_refuses_exposure_without_a_token(
+    dst: Dst, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "review", str(dst.root), "--reviewer", "Ada",
+                          "--host", "0.0.0.0")  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == (
+        "chromascan: Invalid value for '--host': listening on 0.0.0.0 exposes the archive to "
+        "the network; give --token too (see 'chromascan review --help')\n"
+    )
+    code, _, err = _run(capsys, "review", str(dst.root))
+    assert code == 2
+    assert "give your name" in err
