@@ -33,6 +33,19 @@ DstArgument = Annotated[
 ]
 FORMATS = ("table", "csv", "json")
 ENGINES = ("ray", "threads")
+# verify and export-bag work file by file, where the files are (Ray Data tasks) or here.
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        metavar="[ray|threads]",
+        help="ray: in Ray Data tasks on the cluster (a local one unless --address; for "
+        "export-bag, BAG must be writable from the cluster); threads: on this machine.",
+    ),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to work on (ray://HOST:10001, HOST:6379, auto)."),
+]
 STATUSES = ("ok", "failed", "skipped")  # pipeline.manifest_tools.STATUSES, without its imports
 
 
@@ -54,7 +67,7 @@ def _one_line_errors(command: _F) -> _F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.manifest_tools import ManifestToolError
+        from pipeline.manifest_query import ManifestToolError
 
         try:
             return command(*args, **kwargs)
@@ -321,18 +334,8 @@ def verify_command(
     workers: Annotated[
         int, typer.Option(min=1, help="Files hashed at once (threads, or Ray tasks).")
     ] = 8,
-    engine: Annotated[
-        str,
-        typer.Option(
-            metavar="[ray|threads]",
-            help="ray: hash in Ray Data tasks on the cluster (a local one unless --address); "
-            "threads: hash on this machine.",
-        ),
-    ] = "ray",
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to hash on (ray://HOST:10001, HOST:6379, auto)."),
-    ] = None,
+    engine: EngineOption = "ray",
+    address: AddressOption = None,
 ) -> None:
     """Re-hash every output against the manifest; list missing, changed and untracked files.
 
@@ -408,18 +411,8 @@ def export_bag_command(
             help="Only outputs a curator approved in `chromascan review` (that exact output).",
         ),
     ] = False,
-    engine: Annotated[
-        str,
-        typer.Option(
-            metavar="[ray|threads]",
-            help="ray: copy in Ray Data tasks (a local cluster unless --address; BAG must be "
-            "writable from the cluster); threads: copy on this machine.",
-        ),
-    ] = "ray",
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster to copy on (ray://HOST:10001, HOST:6379, auto)."),
-    ] = None,
+    engine: EngineOption = "ray",
+    address: AddressOption = None,
 ) -> None:
     """Write a BagIt (RFC 8493) bag of the outputs, checked against the manifest.
 

@@ -48,10 +48,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest_query import APPROVED, ManifestQuery
+from pipeline.manifest_query import APPROVED, ManifestQuery, ManifestToolError
 from pipeline.manifest_tools import (
     OUTPUT_PATH,
-    ManifestToolError,
     current_outputs,
     hash_stream,
     open_manifest,

@@ -110,6 +110,35 @@ def _mirrored_output(uri: str, relative_path: str) -> str | None:
     return None
 
 
+class ManifestToolError(ValueError):
+    """DST holds no manifest, or a manifest tool cannot do what was asked; a one-line message."""
+
+
+def require_dst(dst: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """DST's shown (credential-free) name, once it is known to be a folder or prefix.
+
+    Raises:
+        StorageError: DST does not exist or cannot be listed.
+    """
+    fs, root = filesystem(dst, storage_options)
+    shown = redact_uri(dst)
+    try:
+        exists = fs.isdir(root)
+    except OSError as err:
+        raise StorageError(f"{shown}: cannot open ({type(err).__name__}: {err})") from err
+    if not exists:
+        raise StorageError(f"{shown}: no such folder or prefix")
+    return shown
+
+
+def no_manifest_error(shown: str) -> ManifestToolError:
+    """The one message for a DST that holds no manifest rows."""
+    return ManifestToolError(
+        f"{shown}: no manifest here (expected manifest/run=<run_id>/part-*.parquet; "
+        "is this a chromascan colorize destination?)"
+    )
+
+
 class ManifestQuery:
     """DuckDB views over one DST's manifest and review decisions; use as a context manager.
 
@@ -127,24 +156,13 @@ class ManifestQuery:
         threads: int | None = None,
         require_rows: bool = True,
     ) -> None:
-        from pipeline.manifest_tools import ManifestToolError  # noqa: PLC0415 (cycle)
-
         self.dst = dst.rstrip("/") if "://" in dst else dst
         self.storage_options = storage_options
-        fs, root = filesystem(dst, storage_options)
-        shown = redact_uri(dst)
-        try:
-            exists = fs.isdir(root)
-        except OSError as err:
-            raise StorageError(f"{shown}: cannot open ({type(err).__name__}: {err})") from err
-        if not exists:
-            raise StorageError(f"{shown}: no such folder or prefix")
+        shown = require_dst(dst, storage_options)
+        fs, _ = filesystem(dst, storage_options)
         parts = manifest_part_uris(dst, storage_options=storage_options)
         if require_rows and not parts:
-            raise ManifestToolError(
-                f"{shown}: no manifest here (expected manifest/run=<run_id>/part-*.parquet; "
-                "is this a chromascan colorize destination?)"
-            )
+            raise no_manifest_error(shown)
         self._spill = tempfile.TemporaryDirectory(prefix="chromascan-duckdb-")
         self.connection = duckdb.connect(
             config={

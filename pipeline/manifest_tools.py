@@ -26,7 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.manifest import read_manifest
-from pipeline.manifest_query import REVIEW_STATES, ManifestQuery
+from pipeline.manifest_query import (
+    REVIEW_STATES,
+    ManifestQuery,
+    no_manifest_error,
+    require_dst,
+)
 from pipeline.provenance import redact_uri
 from pipeline.schema import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from pipeline.storage import StorageError, filesystem, join, read_bytes
@@ -39,10 +44,6 @@ HASH_CHUNK_BYTES = 1 << 20  # 1 MiB reads: large enough for object stores, small
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-
-
-class ManifestToolError(ValueError):
-    """DST holds no manifest, or a manifest tool cannot do what was asked; a one-line message."""
 
 
 # --- Reading the manifest ------------------------------------------------------------------
@@ -60,20 +61,10 @@ def open_manifest(
         StorageError: DST does not exist or cannot be listed.
         ManifestToolError: DST exists but holds no manifest rows.
     """
-    fs, root = filesystem(dst, storage_options)
-    shown = redact_uri(dst)
-    try:
-        exists = fs.isdir(root)
-    except OSError as err:
-        raise StorageError(f"{shown}: cannot open ({type(err).__name__}: {err})") from err
-    if not exists:
-        raise StorageError(f"{shown}: no such folder or prefix")
+    shown = require_dst(dst, storage_options)
     table = read_manifest(dst, storage_options=storage_options, columns=columns)
     if table.num_rows == 0:
-        raise ManifestToolError(
-            f"{shown}: no manifest here (expected manifest/run=<run_id>/part-*.parquet; "
-            "is this a chromascan colorize destination?)"
-        )
+        raise no_manifest_error(shown)
     return table
 
 
@@ -347,42 +338,23 @@ def run_summary_ids(dst: str, *, storage_options: Mapping[str, Any] | None = Non
 
 
 def _run_stats(run_id: str, rows: pa.Table, document: Mapping[str, Any] | None) -> RunStats:
-    run = (document or {}).get("run") or {}
-    started = pc.min(rows["started_at"]).as_py() if rows.num_rows else None
-    finished = pc.max(rows["finished_at"]).as_py() if rows.num_rows else None
-    if run.get("elapsed_s") is not None:
-        elapsed: float | None = float(run["elapsed_s"])
-        rate = rows.num_rows / elapsed if elapsed else None
-        timing_from = "run summary"
-        started_text = run.get("started_at") or _iso(started)
-        finished_text = run.get("finished_at") or _iso(finished)
-    else:
-        elapsed = (finished - started).total_seconds() if started and finished else None
-        rate = rows.num_rows / elapsed if elapsed else None
-        timing_from = "manifest"
-        started_text, finished_text = _iso(started), _iso(finished)
-    statuses = _status_counts(rows)
-    models = _counts(rows, "model_id")
-    if not models and run.get("model_id"):
-        models = {str(run["model_id"]): 0}
-    already_done = None
-    if run.get("skipped") is not None:
-        # The run summary counts inputs the ledger already had as skipped; they have no row.
-        already_done = int(run["skipped"]) - statuses.get(STATUS_SKIPPED, 0)
-    return RunStats(
-        run_id=run_id,
+    return _run_stats_from_counts(
+        run_id,
         rows=rows.num_rows,
-        statuses=statuses,
+        started=pc.min(rows["started_at"]).as_py() if rows.num_rows else None,
+        finished=pc.max(rows["finished_at"]).as_py() if rows.num_rows else None,
+        statuses=_status_counts(rows),
         error_types=_counts(rows, "error_type"),
-        models=models,
-        started_at=started_text,
-        finished_at=finished_text,
-        elapsed_s=elapsed,
-        images_per_second=rate,
-        timing_from=timing_from,
-        listed=run.get("listed"),
-        already_done=already_done,
+        models=_counts(rows, "model_id"),
+        document=document,
     )
+
+
+def _timing_totals(runs: list[RunStats]) -> tuple[float, float | None]:
+    """Seconds over the runs that say how long they took, and rows per second over those."""
+    timed = [run for run in runs if run.elapsed_s is not None]
+    elapsed = sum(run.elapsed_s or 0.0 for run in timed)
+    return elapsed, (sum(run.rows for run in timed) / elapsed if elapsed else None)
 
 
 def summarize(
@@ -405,9 +377,7 @@ def summarize(
     ]
     latest = latest_rows(table, "source_uri")
     outputs, _ = current_outputs(table, dst)
-    timed = [run for run in runs if run.elapsed_s is not None]
-    elapsed_total = sum(run.elapsed_s or 0.0 for run in timed)
-    rows_timed = sum(run.rows for run in timed)
+    elapsed_total, rate = _timing_totals(runs)
     return ManifestSummary(
         dst=redact_uri(dst),
         runs=runs,
@@ -419,7 +389,7 @@ def summarize(
         error_types=_counts(latest, "error_type"),
         models=_counts(table, "model_id"),
         elapsed_s=elapsed_total,
-        images_per_second=rows_timed / elapsed_total if elapsed_total else None,
+        images_per_second=rate,
     )
 
 
@@ -483,9 +453,7 @@ def summarize_query(query: ManifestQuery) -> ManifestSummary:
 
     latest_statuses = statuses(counts("SELECT status, count(*) FROM latest GROUP BY ALL"))
     reviews = counts("SELECT review, count(*) FROM outputs GROUP BY ALL")
-    timed = [run for run in runs if run.elapsed_s is not None]
-    elapsed_total = sum(run.elapsed_s or 0.0 for run in timed)
-    rows_timed = sum(run.rows for run in timed)
+    elapsed_total, rate = _timing_totals(runs)
     return ManifestSummary(
         dst=redact_uri(dst),
         runs=runs,
@@ -498,7 +466,7 @@ def summarize_query(query: ManifestQuery) -> ManifestSummary:
         error_types=ordered(counts("SELECT error_type, count(*) FROM latest GROUP BY ALL")),
         models=ordered(counts("SELECT model_id, count(*) FROM manifest GROUP BY ALL")),
         elapsed_s=elapsed_total,
-        images_per_second=rows_timed / elapsed_total if elapsed_total else None,
+        images_per_second=rate,
         reviews={state: reviews.get(state, 0) for state in REVIEW_STATES},
     )
 

@@ -487,31 +487,38 @@ class ReviewApp:
         return _page(str(name), body, self.config, script=_ZOOM_JS)
 
     def _bytes(self, row: dict[str, Any], kind: str) -> bytes | None:
+        """The scan's or the output's bytes; None when storage has none (or cannot be read)."""
         if kind == "scan":
             uri = row["source_uri"]
         elif row.get("output_path"):
             uri = join(self.config.dst, "images", row["output_path"])
         else:
             return None
-        return read_bytes(uri, storage_options=self.config.storage_options, missing_ok=True)
+        try:
+            return read_bytes(uri, storage_options=self.config.storage_options, missing_ok=True)
+        except OSError:
+            return None
 
-    def thumb(self, request: Request) -> Response:
+    def _requested(self, request: Request) -> tuple[str, str, dict[str, Any]] | None:
+        """(source, kind, current row) an image request names, or None: no such image."""
         source = request.query_params.get("source") or ""
-        kind = request.query_params.get("kind")
+        kind = request.query_params.get("kind") or ""
         row = self._current(source)
         if row is None or kind not in ("scan", "output"):
+            return None
+        return source, kind, row
+
+    def thumb(self, request: Request) -> Response:
+        if (requested := self._requested(request)) is None:
             return PlainTextResponse("no such image", status_code=404)
+        source, kind, row = requested
         version = row.get("source_version") if kind == "scan" else row.get("output_sha256")
         key = hashlib.sha256(f"{source}\0{kind}\0{version}\0{THUMB_SIZE}".encode()).hexdigest()
         cached = self.cache / key[:2] / f"{key}.jpg"
         if cached.exists():
             data = cached.read_bytes()
         else:
-            try:
-                original = self._bytes(row, kind)
-            except OSError:
-                original = None
-            if original is None:
+            if (original := self._bytes(row, kind)) is None:
                 return _placeholder(f"{kind} not found")
             try:
                 data, _, _ = thumbnail_jpeg(original, size=THUMB_SIZE)
@@ -526,16 +533,10 @@ class ReviewApp:
 
     def image(self, request: Request) -> Response:
         """Full resolution: the bytes as stored when browsers show them, else a PNG of them."""
-        source = request.query_params.get("source") or ""
-        kind = request.query_params.get("kind")
-        row = self._current(source)
-        if row is None or kind not in ("scan", "output"):
+        if (requested := self._requested(request)) is None:
             return PlainTextResponse("no such image", status_code=404)
-        try:
-            data = self._bytes(row, kind)
-        except OSError:
-            data = None
-        if data is None:
+        _, kind, row = requested
+        if (data := self._bytes(row, kind)) is None:
             return PlainTextResponse("image not found on storage", status_code=404)
         if kind == "output":
             return Response(data, media_type="image/png")

@@ -26,7 +26,8 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline.bag import BagError, export_bag
-from pipeline.manifest_tools import HASH_CHUNK_BYTES, ManifestToolError, hash_stream, latest_rows
+from pipeline.manifest_query import ManifestToolError
+from pipeline.manifest_tools import HASH_CHUNK_BYTES, hash_stream, latest_rows
 from pipeline.report import write_report
 from pipeline.schema import MANIFEST_COLUMNS, MANIFEST_SCHEMA
 from pipeline.storage import filesystem
