@@ -177,8 +177,12 @@ def bench_finalize_command(
         typer.Option("--bits", help="Output bits per channel, 8 or 16; repeatable."),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each combination.")] = 3,
+    sign: Annotated[
+        bool,
+        typer.Option(help="Also time each combination signed (C2PA, a throwaway test key)."),
+    ] = True,
 ) -> None:
-    """Time finalize (merge + PNG encode + write) per scan size and output depth, side by side."""
+    """Time finalize (merge + PNG encode + write) per scan size, output depth and signing."""
     import tempfile
 
     from jobs.bench_finalize import time_finalize
@@ -192,16 +196,22 @@ def bench_finalize_command(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     typer.echo(f"finalize of a 16-bit grey scan, one thread, median of {repeats}")
-    typer.echo(f"{'size':>11} {'bits':>4} {'s/scan':>8} {'MP/s':>7} {'PNG MB':>8} {'vs 8-bit':>8}")
+    typer.echo(
+        f"{'size':>11} {'bits':>4} {'signed':>6} {'s/scan':>8} {'MP/s':>7} {'PNG MB':>8} "
+        f"{'vs 8-bit unsigned':>17}"
+    )
     with tempfile.TemporaryDirectory(prefix="chromascan-bench-") as folder:
-        timings = time_finalize(folder, sizes=sizes, output_bits=output_bits, repeats=repeats)
-    eight = {(t.width, t.height): t.seconds for t in timings if t.output_bits == 8}
+        timings = time_finalize(
+            folder, sizes=sizes, output_bits=output_bits, repeats=repeats,
+            signing=[False, True] if sign else [False],
+        )  # fmt: skip
+    base = {(t.width, t.height): t.seconds for t in timings if t.output_bits == 8 and not t.signed}
     for t in timings:
-        ratio = t.seconds / eight[(t.width, t.height)] if (t.width, t.height) in eight else 0
+        ratio = t.seconds / base[(t.width, t.height)] if (t.width, t.height) in base else 0
         typer.echo(
-            f"{t.width:>5}x{t.height:<5} {t.output_bits:>4} {t.seconds:>8.3f} "
-            f"{t.megapixels_per_second:>7.1f} {t.output_bytes / 1e6:>8.2f} "
-            + (f"{ratio:>7.2f}×" if ratio else f"{'':>8}")
+            f"{t.width:>5}x{t.height:<5} {t.output_bits:>4} {'yes' if t.signed else 'no':>6} "
+            f"{t.seconds:>8.3f} {t.megapixels_per_second:>7.1f} {t.output_bytes / 1e6:>8.3f} "
+            + (f"{ratio:>16.2f}×" if ratio else f"{'':>17}")
         )
 
 

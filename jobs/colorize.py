@@ -68,6 +68,21 @@ Bits = Annotated[
         help="Output bits per channel; source: 16-bit masters give 16-bit PNGs, others 8-bit.",
     ),
 ]
+SignCert = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PEM",
+        help="Sign every output's C2PA content credentials with this certificate chain "
+        "(PEM file, leaf first; or env CHROMASCAN_SIGN_CERT, PEM text or path).",
+    ),
+]
+SignKey = Annotated[
+    str | None,
+    typer.Option(
+        metavar="PEM",
+        help="The certificate's private key (unencrypted PEM file; or env CHROMASCAN_SIGN_KEY).",
+    ),
+]
 AllowFailures = Annotated[
     bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
 ]
@@ -110,6 +125,8 @@ def colorize_command(
     any_model: Annotated[
         bool, typer.Option(help="With --incremental, scans done by another model count as done.")
     ] = False,
+    sign_cert: SignCert = None,
+    sign_key: SignKey = None,
     allow_failures: AllowFailures = False,
     storage_timeout: StorageTimeout = DEFAULT_STORAGE_TIMEOUT_S,
     flush_seconds: Annotated[
@@ -119,7 +136,8 @@ def colorize_command(
     """Colour every scan under SRC; write PNGs, a Parquet manifest and a run summary to DST."""
     # --address is the generic job option (jobs/submit.py); ensure_ray reads RAY_ADDRESS.
     _execute(
-        allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
+        allow_failures=allow_failures, sign_cert=sign_cert, sign_key=sign_key,
+        src=src, dst=dst, model=model, gpu=gpu, actors=actors,
         batch_size=batch_size, actor_cpus=actor_cpus, max_pixels=max_pixels, limit=limit,
         precision=precision, png_compress_level=png_level, incremental=incremental,
         retry_failed=retry_failed, any_model=any_model, flush_seconds=flush_seconds,
@@ -127,21 +145,29 @@ def colorize_command(
     )  # fmt: skip
 
 
-def _execute(*, allow_failures: bool, **settings: Any) -> None:
+def _execute(
+    *, allow_failures: bool, sign_cert: str | None, sign_key: str | None, **settings: Any
+) -> None:
     """Check the settings, run, print the summary, exit 3 when inputs failed (unless allowed)."""
     from jobs.cli import package_version
     from pipeline.colorize import ColorizeConfig, ColorizeError, run_colorize
+    from pipeline.credentials import CredentialsError, load_signing_keys
 
     try:
         config = ColorizeConfig(**settings)
     except ColorizeError as err:
         raise typer.BadParameter(str(err)) from err
+    try:  # before any scan is read: a bad certificate or key is one line, at once
+        signing = load_signing_keys(sign_cert, sign_key)
+    except CredentialsError as err:
+        raise typer.BadParameter(str(err), param_hint="'--sign-cert'/'--sign-key'") from err
 
     summary = run_colorize(
         config,
         software=f"chromascan {package_version()}",
         progress=_ProgressPrinter(),
         connect=ensure_ray,
+        signing=signing,
     )
     not_attempted = summary.listed - summary.attempted - summary.skipped
     typer.echo(
@@ -153,6 +179,8 @@ def _execute(*, allow_failures: bool, **settings: Any) -> None:
     for error_type, count in summary.error_types.items():
         typer.echo(f"  failed: {count} × {error_type}")
     typer.echo(f"model    {summary.model_id}")
+    if signing is not None:
+        typer.echo(f"signed   C2PA content credentials, by {signing.subject}")
     typer.echo(f"images   {config.dst.rstrip('/')}/images/")
     typer.echo(f"manifest {summary.manifest_uri}/")
     typer.echo(f"summary  {summary.summary_uri}")
@@ -182,6 +210,8 @@ def nightly_command(
     any_model: Annotated[
         bool, typer.Option(help="Scans done by another model count as done (no re-colouring).")
     ] = False,
+    sign_cert: SignCert = None,
+    sign_key: SignKey = None,
     allow_failures: AllowFailures = False,
     storage_timeout: StorageTimeout = DEFAULT_STORAGE_TIMEOUT_S,
 ) -> None:
@@ -191,8 +221,9 @@ def nightly_command(
     version (ETag or mtime) by this model; a new model re-colours everything unless --any-model.
     """
     _execute(
-        allow_failures=allow_failures, src=src, dst=dst, model=model, gpu=gpu, actors=actors,
-        actor_cpus=actor_cpus, batch_size=batch_size, max_pixels=max_pixels, incremental=True,
+        allow_failures=allow_failures, sign_cert=sign_cert, sign_key=sign_key,
+        src=src, dst=dst, model=model, gpu=gpu, actors=actors, actor_cpus=actor_cpus,
+        batch_size=batch_size, max_pixels=max_pixels, incremental=True,
         retry_failed=retry_failed, any_model=any_model, storage_timeout_s=storage_timeout,
         bits=bits,
     )  # fmt: skip

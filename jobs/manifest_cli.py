@@ -336,16 +336,30 @@ def verify_command(
     ] = 8,
     engine: EngineOption = "ray",
     address: AddressOption = None,
+    trust: Annotated[
+        str | None,
+        typer.Option(
+            metavar="PEM",
+            help="CA certificates to trust (PEM file; or env CHROMASCAN_TRUST_ANCHORS): signed "
+            "outputs must then be Trusted, not only intact.",
+        ),
+    ] = None,
 ) -> None:
     """Re-hash every output against the manifest; list missing, changed and untracked files.
 
-    Exit status 0 when everything matches, 3 when anything is missing, changed, untracked or
-    unreadable.
+    Signed outputs also have their C2PA content credentials validated. Exit status 0 when
+    everything matches, 3 when anything is missing, changed, untracked, unreadable or no
+    longer validly signed.
     """
+    from pipeline.credentials import CredentialsError, load_trust_anchors
     from pipeline.provenance import redact_uri
     from pipeline.verify import Finding, verify_outputs
 
     engine = _choice(engine, ENGINES, "engine", "--engine") or "ray"
+    try:
+        trust_anchors = load_trust_anchors(trust)
+    except CredentialsError as err:
+        raise typer.BadParameter(str(err), param_hint="'--trust'") from err
 
     def connect() -> None:
         # Only once DST is known to hold a manifest: a typo answers at once, Ray unstarted.
@@ -359,13 +373,20 @@ def verify_command(
 
     result = verify_outputs(
         dst, workers=workers, on_finding=show, engine=engine,
-        connect=connect if engine == "ray" else None,
+        connect=connect if engine == "ray" else None, trust_anchors=trust_anchors,
     )  # fmt: skip
     counts = result.counts
+    signed = ""
+    if result.signed:
+        trusted = " (trust: --trust)" if trust_anchors is not None else ""
+        signed = (
+            f"; {result.signed} signed, {counts['credentials']} with credentials that no longer "
+            f"validate{trusted}"
+        )
     typer.echo(
         f"{result.expected} outputs in the manifest: {result.verified} verified, "
         f"{counts['changed']} changed, {counts['missing']} missing, "
-        f"{counts['unreadable']} unreadable; {counts['untracked']} untracked files; "
+        f"{counts['unreadable']} unreadable; {counts['untracked']} untracked files{signed}; "
         f"{_megabytes(result.bytes_hashed)} hashed in {result.elapsed_s:.1f} s"
     )
     sys.stdout.flush()

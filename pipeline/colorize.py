@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.attempts import start_attempt_ledger
+from pipeline.credentials import SigningKeys
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.listing import list_images
 from pipeline.manifest import read_manifest
@@ -337,6 +338,7 @@ def run_colorize(
     listing: pa.Table | None = None,
     run_id: str | None = None,
     connect: Callable[[], None] | None = None,
+    signing: SigningKeys | None = None,
 ) -> RunSummary:
     """Colour every image under config.src into config.dst; returns the run's summary.
 
@@ -390,6 +392,7 @@ def run_colorize(
         output_bits=config.bits,
         storage_timeout_s=config.storage_timeout_s,
         storage_options=_worker_storage_options(config, storage_options),
+        signing=signing,
     )
     writer = ManifestWriter(
         config.dst,
@@ -444,7 +447,7 @@ def run_colorize(
         started_at=started_at.isoformat(timespec="seconds"),
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    _write_run_summary(summary, config, storage_options)
+    _write_run_summary(summary, config, storage_options, signing)
     return summary
 
 
@@ -572,7 +575,10 @@ def _stream(listing: pa.Table, config: ColorizeConfig, options: StageOptions, ac
 
 
 def _write_run_summary(
-    summary: RunSummary, config: ColorizeConfig, storage_options: Mapping[str, Any] | None
+    summary: RunSummary,
+    config: ColorizeConfig,
+    storage_options: Mapping[str, Any] | None,
+    signing: SigningKeys | None = None,
 ) -> None:
     document = {
         "run": asdict(summary),
@@ -583,6 +589,8 @@ def _write_run_summary(
             "model": redact_uri(config.model),
         },
         "versions": {"ray": ray.__version__},
+        # Who signed the outputs' content credentials: the certificate's subject, never a key.
+        "signing": None if signing is None else signing.describe(),
     }
     data = (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode()
     write_bytes_atomic(

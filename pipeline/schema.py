@@ -48,6 +48,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("finalize_s", pa.float64()),  # seconds in full-resolution merge + encode + write
         ("output_bits", pa.int16()),  # bits per channel of the PNG written: 8 or 16 (--bits)
         ("source_icc", pa.string()),  # the source's embedded ICC profile, by its description
+        ("signed", pa.bool_()),  # the output carries signed C2PA content credentials
     ]
 )
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)

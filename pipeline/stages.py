@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from models.colorize import (
 from models.colorize import predict_ab as predict_ab_batch
 from models.metrics import colorfulness
 from pipeline import attempts
+from pipeline.credentials import CredentialsError, SigningKeys, sign_png
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipeline.model_store import load_model
 from pipeline.provenance import Provenance, encode_png, redact_uri
@@ -78,6 +80,9 @@ class StageOptions:
     # retried once in a child process, then failed. None (plain loops, tests): no counting.
     attempt_ledger: Any = field(default=None, repr=False, compare=False)
     max_attempts: int = attempts.DEFAULT_MAX_ATTEMPTS
+    # C2PA signing keys (pipeline.credentials): every output signed when set. Secret, like
+    # the storage options; each worker process makes its own c2pa signer from them.
+    signing: SigningKeys | None = field(default=None, repr=False)
 
 
 OUTPUT_BITS = ("8", "16", "source")
@@ -367,6 +372,7 @@ def _finalized_fields(row: Mapping[str, Any], options: StageOptions) -> dict[str
         "output_width": None,
         "output_height": None,
         "output_bits": None,
+        "signed": None,
         "colorfulness": None,
         "model_id": options.model_id,
         "model_sha256": options.model_sha256,
@@ -412,6 +418,17 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 dpi=decoded.dpi,
                 compress_level=options.png_compress_level,
             )
+            if options.signing is not None:  # before the hash: the manifest's is the file's
+                png = sign_png(
+                    png,
+                    keys=options.signing,
+                    source=bytes(row["data"]),
+                    source_format=row.get("source_format"),
+                    source_name=str(row.get("relative_path") or redact_uri(str(row["source_uri"]))),
+                    model_id=options.model_id,
+                    software=options.software,
+                    title=posixpath.basename(str(row["output_path"])),
+                )
             write_bytes_atomic(
                 output_uri,
                 png,
@@ -425,6 +442,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 output_height=rgb.shape[0],
                 output_width=rgb.shape[1],
                 output_bits=16 if depth == np.uint16 else 8,
+                signed=options.signing is not None,
                 colorfulness=colorfulness(_sampled(rgb)),
             )
         except StorageUnavailableError:
@@ -436,6 +454,8 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
             result.update(_error_fields(err, "OutOfMemory"))
         except _IO_ERRORS as err:
             result.update(_error_fields(err, "OutputUnwritable"))
+        except CredentialsError as err:  # the keys passed the preflight: this scan's own doing
+            result.update(_error_fields(err, "SigningFailed"))
         except Exception as err:  # the failure boundary: one scan's error never stops the run
             result.update(_unexpected_fields(err, "finalize", str(row.get("source_uri"))))
     result["finalize_s"] = time.time() - started

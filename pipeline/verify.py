@@ -32,10 +32,13 @@ CHANGED = "changed"  # present, but its sha256 is not the manifest's
 UNTRACKED = "untracked"  # on storage under images/, in no ok manifest row
 UNREADABLE = "unreadable"  # listed, but reading it failed
 UNLOCATABLE = "unlocatable"  # an ok row whose output_uri maps to no path under DST/images
-KINDS = (MISSING, CHANGED, UNTRACKED, UNREADABLE, UNLOCATABLE)
+# Signed when written, but its C2PA credentials no longer validate: gone, broken, or (with
+# trust anchors given) signed by no one they vouch for.
+CREDENTIALS = "credentials"
+KINDS = (MISSING, CHANGED, UNTRACKED, UNREADABLE, UNLOCATABLE, CREDENTIALS)
 
 _COLUMNS = ["run_id", "status", "relative_path", "output_uri", "output_sha256", "output_size",
-            "finished_at"]  # fmt: skip
+            "finished_at", "signed"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ class Finding:
 @dataclass
 class VerifyResult:
     expected: int = 0  # outputs the manifest vouches for
-    verified: int = 0  # of those, present with the recorded sha256
+    verified: int = 0  # of those, present with the recorded sha256 (and valid credentials)
+    signed: int = 0  # outputs whose content credentials were checked
     bytes_hashed: int = 0
     elapsed_s: float = 0.0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
@@ -66,6 +70,7 @@ def verify_outputs(
     on_finding: Callable[[Finding], None] | None = None,
     engine: str = "threads",
     connect: Callable[[], None] | None = None,
+    trust_anchors: str | None = None,
 ) -> VerifyResult:
     """Re-hash every output under DST/images against the manifest; report what differs.
 
@@ -76,6 +81,9 @@ def verify_outputs(
     Ray Data tasks (``workers`` at a time) on the cluster Ray is connected to, where the data
     is read, and sends back only each batch's problems and counts. ``connect`` is called
     (to start or join Ray) once the manifest has been read.
+
+    Outputs written signed also have their C2PA credentials validated: with ``trust_anchors``
+    (CA certificates, PEM) they must be "Trusted", without them intact ("Valid").
 
     Raises:
         StorageError: DST or its files cannot be listed.
@@ -99,14 +107,14 @@ def verify_outputs(
     listed = pa.Table.from_batches(
         list(iter_files(images, storage_options=storage_options)), schema=FILES_SCHEMA
     ).rename_columns([OUTPUT_PATH, "listed_size"])
-    expected = outputs.select([OUTPUT_PATH, "output_sha256", "output_size"])
+    expected = outputs.select([OUTPUT_PATH, "output_sha256", "output_size", "signed"])
     joined = expected.join(listed, keys=OUTPUT_PATH, join_type="full outer").sort_by(OUTPUT_PATH)
 
     if engine == "ray":
         if connect is not None:
             connect()
         _verify_on_ray(joined, images=images, storage_options=storage_options, workers=workers,
-                       result=result, report=report)  # fmt: skip
+                       result=result, report=report, trust_anchors=trust_anchors)  # fmt: skip
         result.elapsed_s = time.perf_counter() - started
         return result
     fs, root = filesystem(images, storage_options)
@@ -116,35 +124,74 @@ def verify_outputs(
         for batch in joined.to_batches(max_chunksize=1024):
             yield from batch.to_pylist()
 
-    for finding, size in ordered_map(lambda row: _check(fs, root, row), rows(), workers=workers):
-        result.bytes_hashed += size
-        if finding is None:
+    def check(row: Mapping[str, Any]) -> Checked:
+        return _check(fs, root, row, trust_anchors)
+
+    for checked in ordered_map(check, rows(), workers=workers):
+        result.bytes_hashed += checked.size
+        result.signed += checked.signed
+        if checked.finding is None:
             result.verified += 1
         else:
-            report(finding)
+            report(checked.finding)
     result.elapsed_s = time.perf_counter() - started
     return result
 
 
-def _check(fs: Any, root: str, row: Mapping[str, Any]) -> tuple[Finding | None, int]:
-    """One row of the manifest-listing join: its finding (None: verified) and bytes hashed."""
+@dataclass(frozen=True)
+class Checked:
+    """One output's check: its finding (None: verified), bytes hashed, credentials checked."""
+
+    finding: Finding | None
+    size: int = 0
+    signed: bool = False
+
+
+def _check(fs: Any, root: str, row: Mapping[str, Any], trust_anchors: str | None) -> Checked:
+    """One row of the manifest-listing join, checked."""
     path = row[OUTPUT_PATH]
     if row["output_sha256"] is None:
-        return Finding(UNTRACKED, path, f"{row['listed_size']} bytes"), 0
+        return Checked(Finding(UNTRACKED, path, f"{row['listed_size']} bytes"))
     if row["listed_size"] is None:
-        return Finding(MISSING, path, f"sha256 {row['output_sha256']}"), 0
+        return Checked(Finding(MISSING, path, f"sha256 {row['output_sha256']}"))
+    signed = bool(row.get("signed"))
     try:
         digests, size = hash_stream(fs, f"{root}/{path}")
+        # A signed output is read a second time, by c2pa: what it says is why the file fails.
+        problem = _credentials_problem(fs, f"{root}/{path}", trust_anchors) if signed else None
     except FileNotFoundError:  # deleted between the listing and the read
-        return Finding(MISSING, path, f"sha256 {row['output_sha256']}"), 0
+        return Checked(Finding(MISSING, path, f"sha256 {row['output_sha256']}"))
     except OSError as err:
-        return Finding(UNREADABLE, path, f"{type(err).__name__}: {err}"), 0
+        return Checked(Finding(UNREADABLE, path, f"{type(err).__name__}: {err}"))
     if digests["sha256"] != row["output_sha256"]:
         detail = f"sha256 {digests['sha256']}, manifest {row['output_sha256']}"
         if row["output_size"] is not None and size != row["output_size"]:
             detail += f"; {size} bytes, manifest {row['output_size']}"
-        return Finding(CHANGED, path, detail), size
-    return None, size
+        if problem is not None:
+            detail += f"; {problem}"
+        return Checked(Finding(CHANGED, path, detail), size, signed)
+    if problem is not None:
+        return Checked(Finding(CREDENTIALS, path, problem), size, signed)
+    return Checked(None, size, signed)
+
+
+def _credentials_problem(fs: Any, path: str, trust_anchors: str | None) -> str | None:
+    """What is wrong with a signed output's C2PA credentials, in c2pa's codes; None: nothing.
+
+    Without trust anchors an intact signature ("Valid") passes; with them, only "Trusted".
+    """
+    from pipeline.credentials import INVALID, TRUSTED, read_credentials  # noqa: PLC0415
+
+    with fs.open(path, "rb") as handle:
+        credentials = read_credentials(handle.read(), trust_anchors=trust_anchors)
+    codes = f": {', '.join(credentials.failures)}" if credentials.failures else ""
+    if credentials.state is None:
+        return "C2PA credentials gone (the file has none)"
+    if credentials.state == INVALID:
+        return f"C2PA credentials invalid{codes}"
+    if trust_anchors is not None and credentials.state != TRUSTED:
+        return f"C2PA credentials {credentials.state}, not trusted by --trust{codes}"
+    return None
 
 
 # --- On Ray Data ---------------------------------------------------------------------------
@@ -152,11 +199,16 @@ def _check(fs: Any, root: str, row: Mapping[str, Any]) -> tuple[Finding | None, 
 RAY_BATCH_ROWS = 256  # files per task: enough to amortise a task, few enough to spread out
 _FINDINGS_SCHEMA = pa.schema([("kind", pa.string()), ("path", pa.string()),
                               ("detail", pa.string()), ("size", pa.int64()),
-                              ("verified", pa.int64())])  # fmt: skip
+                              ("verified", pa.int64()),
+                              ("signed", pa.int64())])  # fmt: skip
 
 
 def hash_batch(
-    batch: pa.Table, *, images: str, storage_options: Mapping[str, Any] | None
+    batch: pa.Table,
+    *,
+    images: str,
+    storage_options: Mapping[str, Any] | None,
+    trust_anchors: str | None = None,
 ) -> pa.Table:
     """Ray Data stage: check one batch of rows; return its problems and one counts row.
 
@@ -166,17 +218,18 @@ def hash_batch(
     fs, root = filesystem(images, storage_options)
     root = root.rstrip("/")
     kinds, paths, details, sizes = [], [], [], []
-    verified = hashed = 0
+    verified = hashed = signed = 0
     for row in batch.to_pylist():
-        finding, size = _check(fs, root, row)
-        hashed += size
-        if finding is None:
+        checked = _check(fs, root, row, trust_anchors)
+        hashed += checked.size
+        signed += checked.signed
+        if checked.finding is None:
             verified += 1
         else:
-            kinds.append(finding.kind)
-            paths.append(finding.path)
-            details.append(finding.detail)
-            sizes.append(size)
+            kinds.append(checked.finding.kind)
+            paths.append(checked.finding.path)
+            details.append(checked.finding.detail)
+            sizes.append(checked.size)
     counts = len(kinds)
     return pa.table(
         {
@@ -185,6 +238,7 @@ def hash_batch(
             "detail": [*details, None],
             "size": [*sizes, hashed],
             "verified": [0] * counts + [verified],
+            "signed": [0] * counts + [signed],
         },
         schema=_FINDINGS_SCHEMA,
     )
@@ -207,6 +261,7 @@ def _verify_on_ray(
     workers: int,
     result: VerifyResult,
     report: Callable[[Finding], None],
+    trust_anchors: str | None,
 ) -> None:
     import ray.data  # noqa: PLC0415  (Ray only where it is asked for)
 
@@ -220,7 +275,11 @@ def _verify_on_ray(
         hash_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"images": images, "storage_options": _task_options(images, storage_options)},
+        fn_kwargs={
+            "images": images,
+            "storage_options": _task_options(images, storage_options),
+            "trust_anchors": trust_anchors,
+        },
         compute=ray.data.TaskPoolStrategy(size=workers),
         num_cpus=1,
     )
@@ -230,6 +289,7 @@ def _verify_on_ray(
             if row["kind"] is None:
                 result.verified += row["verified"]
                 result.bytes_hashed += row["size"]
+                result.signed += row["signed"]
             else:
                 findings.append(Finding(row["kind"], row["path"], row["detail"]))
     for finding in sorted(findings, key=lambda item: (item.path, item.kind)):

@@ -212,16 +212,22 @@ def test_no_more_colorizer_actors_than_an_execution_has_blocks(rows: int, actors
     assert colorizer_pool_size(config, {"CPU": 4.0}, rows) == actors
 
 
-def test_bench_finalize_times_both_depths_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_finalize_times_depths_and_signing_side_by_side(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, out, _ = _run(
         capsys, "bench", "finalize", "--size", "96x64", "--bits", "8", "--bits", "16",
         "--repeats", "1",
     )  # fmt: skip
     assert code == 0
     lines = [line.split() for line in out.splitlines()[2:]]
-    assert [(line[0], line[1]) for line in lines] == [("96x64", "8"), ("96x64", "16")]
+    assert [tuple(line[:3]) for line in lines] == [
+        ("96x64", "8", "no"), ("96x64", "8", "yes"), ("96x64", "16", "no"), ("96x64", "16", "yes"),
+    ]  # fmt: skip
     assert lines[0][-1] == "1.00×"
-    assert float(lines[1][4]) > float(lines[0][4])  # a 16-bit PNG is larger
+    png_mb = [float(line[5]) for line in lines]
+    assert png_mb[2] > png_mb[0]  # a 16-bit PNG is larger
+    assert png_mb[1] > png_mb[0]  # and a signed one carries its C2PA manifest
 
 
 def test_bench_finalize_refuses_other_depths(capsys: pytest.CaptureFixture[str]) -> None:
