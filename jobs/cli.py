@@ -32,6 +32,8 @@ bench_app = typer.Typer(help="Measure speed, side by side, on this machine.", no
 app.add_typer(bench_app, name="bench")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(manifest_app, name="manifest")
+credentials_app = typer.Typer(help="C2PA signing credentials.", no_args_is_help=True)
+app.add_typer(credentials_app, name="credentials")
 
 
 def package_version() -> str:
@@ -110,6 +112,27 @@ def model_info(
     typer.echo(f"created    {loaded.metadata.get('created_at', '?')}")
     for key, value in sorted(loaded.metadata.get("provenance", {}).items()):
         typer.echo(f"provenance {key}: {value}")
+
+
+@credentials_app.command("test-pki")
+def credentials_test_pki(
+    folder: Annotated[str, typer.Argument(help="Where to write chain.pem, key.pem and ca.pem.")],
+    signer: Annotated[
+        str, typer.Option(help="The signing certificate's common name.")
+    ] = "chromascan test signer",
+) -> None:
+    """Make a private CA and a signing certificate it issued, to try signed runs out.
+
+    Outputs signed with it validate as Trusted only for readers given ca.pem (e.g.
+    `manifest verify --trust ca.pem`); publish with a certificate from a real CA.
+    """
+    from pathlib import Path
+
+    from pipeline.credentials import make_test_pki
+
+    chain, key, ca = make_test_pki(signer).write(Path(folder))
+    key.chmod(0o600)
+    typer.echo(f"wrote {chain} (leaf, then CA), {key} (private key) and {ca} (the CA to trust)")
 
 
 def _check_precisions(precisions: list[str], known: Iterable[str]) -> None:
