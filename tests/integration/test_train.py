@@ -308,7 +308,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(
     epochs = 5
     output = tmp_path / "run"
     config = _tiny_config(epochs)
-    training_data = build_training_data(str(photos), image_size=64, min_train_images=4)
+    training_data = build_training_data(
+        str(photos), image_size=64, prepared_url=str(output / "data"), min_train_images=4
+    )
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
