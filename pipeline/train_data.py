@@ -88,8 +88,8 @@ STATUS_OK = "ok"
 STATUS_GREY = "grey"  # decodable, but without colour to learn ab from
 STATUS_FAILED = "failed"  # unreadable or not an image
 
-# Decode blocks are shard-sized (64 photos at 286²), but at least this many, so that small
-# sets still decode on every CPU. A million photos make 16k blocks of listing rows.
+# Decode blocks are shard-sized (17 photos at 286²), but at least this many, so that small
+# sets still decode on every CPU. A million photos make 60k blocks of listing rows.
 _MIN_BLOCKS = 16
 _READ_CONCURRENCY = 2  # shard reads in flight per execution
 # The decoded copy: OUTPUT/data/<fingerprint>/{train,val}/*.parquet and prepared.json.
@@ -97,9 +97,10 @@ PREPARED_FOLDER = "data"
 PREPARED_FILE = "prepared.json"  # written last: the shards beside it are complete
 _PREPARED_FORMAT = 1  # bump when the shards' columns or their meaning change
 _FINGERPRINT_CHARS = 16
-# Decoded bytes per shard file and per block in flight: 64 photos at 286². Small against any
-# object store (Ray Data's streaming budget is a fraction of it), large enough that reading
-# a shard is one request per 16 MB.
+# Decoded bytes per shard file and per block in flight: 17 photos at 286². Small against any
+# object store (Ray Data's streaming budget is a fraction of it, and each worker's shuffle
+# buffer pins the blocks its rows came from), large enough that reading a shard is one
+# request per 4 MiB.
 _SHARD_BYTES = 4 * 1024 * 1024
 _STATUS_COLUMNS = ("source_uri", "status", "error_type", "error_message")
 # Errors reading one listed file can raise (gone since the listing, no permission, network).
@@ -155,7 +156,7 @@ class TrainingData:
     prepare_seconds: float = 0.0
     prepared_url: str = ""  # the decoded copy's folder, OUTPUT/data/<fingerprint>
     reused: bool = False  # the decoded copy was already there (a rerun): nothing was decoded
-    shard_uris: tuple[str, ...] = field(default=(), repr=False)  # train's, one per 64 photos
+    shard_uris: tuple[str, ...] = field(default=(), repr=False)  # train's, ~4 MB each
 
     @property
     def grey(self) -> int:
@@ -332,7 +333,7 @@ def rows_per_shard(size: int) -> int:
 
 
 def shuffle_buffer_rows(size: int) -> int:
-    """Rows each worker's local shuffle buffer holds: four shards' worth (16 MB of pixels).
+    """Rows each worker's local shuffle buffer holds: four shards' worth (16 MiB of pixels).
 
     The rows of every shard are already a random sample of the archive and the shards come
     in a new order every epoch; the buffer only varies which of them share a batch. A larger
@@ -522,7 +523,7 @@ def read_usable(
 
     Every execution (every epoch, under Ray Train) visits the shards in a new random order.
     The read tasks take no CPU: Ray Train's workers may hold every CPU, and reading a shard
-    is a zstd decompression, not an image decode. A few at a time: each yields a 16 MB block,
+    is a zstd decompression, not an image decode. A few at a time: each yields a 4 MiB block,
     and the workers consume far slower than that.
     """
     return (
@@ -534,7 +535,7 @@ def read_usable(
             batch_size=1,
             batch_format="numpy",
             num_cpus=0,
-            concurrency=_READ_CONCURRENCY,
+            compute=ray.data.TaskPoolStrategy(size=_READ_CONCURRENCY),
         )
     )
 

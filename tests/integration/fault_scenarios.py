@@ -358,7 +358,7 @@ def train_store_scenario(args: argparse.Namespace) -> dict[str, Any]:
         discriminator=DiscriminatorConfig(width=1),
         epochs=1,
         decay_epochs=0,
-        batch_size=8,
+        batch_size=16,
     )
     try:
         with StoreWatch() as preparing:
@@ -367,7 +367,7 @@ def train_store_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 val_url=args.val,
                 image_size=256,
                 prepared_url=str(output / "data"),
-                min_train_images=16,
+                min_train_images=32,
             )
         with StoreWatch() as training:
             outcome = run_training(data, config, output_url=str(output), workers=2)
@@ -399,7 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model")
     parser.add_argument("--output", help="training output folder")
     parser.add_argument("--val", help="validation photos (train_store)")
-    parser.add_argument("--store-mb", type=int, default=100, help="object store cap (train_store)")
+    parser.add_argument("--store-mb", type=int, default=80, help="object store cap (train_store)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--join-timeout", type=float, default=240.0)
     return parser
