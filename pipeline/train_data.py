@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,20 +88,20 @@ STATUS_OK = "ok"
 STATUS_GREY = "grey"  # decodable, but without colour to learn ab from
 STATUS_FAILED = "failed"  # unreadable or not an image
 
-# Decode blocks are shard-sized (17 photos at 286²), but at least this many, so that small
-# sets still decode on every CPU. A million photos make 60k blocks of listing rows.
+# Decode blocks are shard-sized (8 photos at 286²), but at least this many, so that small
+# sets still decode on every CPU.
 _MIN_BLOCKS = 16
-_READ_CONCURRENCY = 2  # shard reads in flight per execution
+_READ_TASKS = 2  # shard reads in flight per execution (epoch)
+_MAX_URI_BLOCKS = 10_000
 # The decoded copy: OUTPUT/data/<fingerprint>/{train,val}/*.parquet and prepared.json.
 PREPARED_FOLDER = "data"
 PREPARED_FILE = "prepared.json"  # written last: the shards beside it are complete
 _PREPARED_FORMAT = 1  # bump when the shards' columns or their meaning change
 _FINGERPRINT_CHARS = 16
-# Decoded bytes per shard file and per block in flight: 17 photos at 286². Small against any
+# Decoded bytes per shard file and per block in flight: 8 photos at 286². Small against any
 # object store (Ray Data's streaming budget is a fraction of it, and each worker's shuffle
-# buffer pins the blocks its rows came from), large enough that reading a shard is one
-# request per 4 MiB.
-_SHARD_BYTES = 4 * 1024 * 1024
+# buffer pins the blocks its rows came from); reading one is a 1-2 MB request.
+_SHARD_BYTES = 2 * 1024 * 1024
 _STATUS_COLUMNS = ("source_uri", "status", "error_type", "error_message")
 # Errors reading one listed file can raise (gone since the listing, no permission, network).
 _READ_ERRORS = (StorageError, OSError)
@@ -156,7 +156,7 @@ class TrainingData:
     prepare_seconds: float = 0.0
     prepared_url: str = ""  # the decoded copy's folder, OUTPUT/data/<fingerprint>
     reused: bool = False  # the decoded copy was already there (a rerun): nothing was decoded
-    shard_uris: tuple[str, ...] = field(default=(), repr=False)  # train's, ~4 MB each
+    shard_uris: tuple[str, ...] = field(default=(), repr=False)  # train's, ~2 MiB each
 
     @property
     def grey(self) -> int:
@@ -333,14 +333,14 @@ def rows_per_shard(size: int) -> int:
 
 
 def shuffle_buffer_rows(size: int) -> int:
-    """Rows each worker's local shuffle buffer holds: four shards' worth (16 MiB of pixels).
+    """Rows each worker's local shuffle buffer holds: two shards' worth (4 MiB of pixels).
 
     The rows of every shard are already a random sample of the archive and the shards come
     in a new order every epoch; the buffer only varies which of them share a batch. A larger
     one would cost object store, not just worker memory: the rows it holds keep the blocks
     they came from pinned in the store.
     """
-    return 4 * rows_per_shard(size)
+    return 2 * rows_per_shard(size)
 
 
 def shard_name(uris: list[str]) -> str:
@@ -412,10 +412,34 @@ def read_shard_batch(
 
 
 def _shard_dataset(shard_uris: list[str]) -> Any:
-    # One block per shard: Ray Data schedules, splits between workers and reorders shards.
+    # A block per shard up to _MAX_URI_BLOCKS (Ray Data reorders and splits blocks between
+    # workers); beyond that the driver would create too many tiny objects.
     return ray.data.from_items(
-        [{"shard_uri": uri} for uri in shard_uris], override_num_blocks=max(1, len(shard_uris))
+        [{"shard_uri": uri} for uri in shard_uris],
+        override_num_blocks=max(1, min(len(shard_uris), _MAX_URI_BLOCKS)),
     )
+
+
+def read_shards_shuffled(
+    batch: dict[str, np.ndarray],
+    *,
+    size: int,
+    columns: tuple[str, ...],
+    storage_options: Mapping[str, Any] | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function: a block of shard URIs -> their usable photos, shard by shard.
+
+    The shards of the block in a new random order every execution (unseeded on purpose), and
+    one output block per shard: a block is what the object store holds at a time.
+    """
+    uris = batch["shard_uri"]
+    for index in np.random.default_rng().permutation(len(uris)):
+        yield read_shard_batch(
+            {"shard_uri": uris[index : index + 1]},
+            size=size,
+            columns=columns,
+            storage_options=storage_options,
+        )
 
 
 def _write_shards(
@@ -523,19 +547,19 @@ def read_usable(
 
     Every execution (every epoch, under Ray Train) visits the shards in a new random order.
     The read tasks take no CPU: Ray Train's workers may hold every CPU, and reading a shard
-    is a zstd decompression, not an image decode. A few at a time: each yields a 4 MiB block,
-    and the workers consume far slower than that.
+    is a zstd decompression, not an image decode. Each yields a 2 MiB block at a time, and
+    the workers consume far slower than two of them produce.
     """
     return (
         _shard_dataset(shard_uris)
         .randomize_block_order()
         .map_batches(
-            read_shard_batch,
+            read_shards_shuffled,
             fn_kwargs={"size": size, "columns": columns, "storage_options": storage_options},
-            batch_size=1,
+            batch_size=None,
             batch_format="numpy",
             num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=_READ_CONCURRENCY),
+            compute=ray.data.TaskPoolStrategy(size=_READ_TASKS),
         )
     )
 

@@ -240,9 +240,9 @@ def test_the_fingerprint_follows_the_files_and_settings_not_the_order() -> None:
 
 
 def test_shards_and_shuffle_buffers_stay_a_few_mib() -> None:
-    assert rows_per_shard(286) * 286 * 286 * 3 <= 4 * 1024 * 1024
-    assert rows_per_shard(286) >= 16
-    assert shuffle_buffer_rows(286) == 4 * rows_per_shard(286)
+    assert rows_per_shard(286) * 286 * 286 * 3 <= 2 * 1024 * 1024
+    assert rows_per_shard(286) >= 8
+    assert shuffle_buffer_rows(286) == 2 * rows_per_shard(286)
     assert rows_per_shard(4096) == 1  # a huge model size still makes shards of one photo
 
 
