@@ -242,6 +242,8 @@ def bench_train(
                 del held
             bench.materialized_images_per_s.append(rate)
             bench.materialized_store.append(watch.figures)  # type: ignore[arg-type]
+    # As each batch size finishes: a long bench still leaves figures if it is stopped.
+    progress(f"batch {config.batch_size} done: {bench.as_dict()}")
     return bench
 
 
