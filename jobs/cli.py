@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from jobs.bench_manifest import bench_manifest_command
+from jobs.bench_train import bench_train_command
 from jobs.colorize import colorize_command, nightly_command
 from jobs.errors import is_user_error, own_error
 from jobs.jobs_cli import jobs_app
@@ -505,6 +506,7 @@ app.command("nightly")(nightly_command)
 app.command("train")(train_command)
 app.command("review")(review_command)
 bench_app.command("manifest")(bench_manifest_command)
+bench_app.command("train")(bench_train_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -262,10 +262,11 @@ def run_train_job(
         echo: where the summary goes (stdout); progress: where progress lines go (stderr).
     """
     from jobs.runtime import ensure_ray
-    from pipeline.train_data import STATUS_FAILED, prepare_training_data
+    from pipeline.storage import join
+    from pipeline.train_data import PREPARED_FOLDER, STATUS_FAILED, prepare_training_data
     from pipeline.training import run_training
 
-    # 3. Decode the photos once, on the cluster.
+    # 3. Decode the photos once, on the cluster, into OUTPUT/data (a rerun finds them there).
     ensure_ray(address)
     # The skipped photos are printed below; the library's own warnings would repeat them.
     logging.getLogger("pipeline.train_data").setLevel(logging.ERROR)
@@ -276,15 +277,18 @@ def run_train_job(
     data = prepare_training_data(
         listing,
         image_size=config.image_size,
+        prepared_url=join(output, PREPARED_FOLDER),
         min_colorfulness=min_colorfulness,
         min_train_images=workers * config.batch_size,
+        seed=config.seed,
     )
     held_out = (
         f"from {data.val_url}" if data.val_url else f"held out ({data.val_fraction:g} of SRC)"
     )
     progress(
         f"data     {data.train_images} training photos, {data.val_images} validation {held_out}; "
-        f"skipped {data.grey} grey, {data.failed} unreadable ({data.prepare_seconds:.1f} s)"
+        f"skipped {data.grey} grey, {data.failed} unreadable ({data.prepare_seconds:.1f} s"
+        f"{', decoded copy reused' if data.reused else ''})"
     )
     failed = [photo for photo in data.skipped if photo.status == STATUS_FAILED]
     for photo in failed[:_SKIPPED_SHOWN]:

@@ -44,13 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs
 import ray.exceptions
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
@@ -67,12 +65,14 @@ from models.metrics import colorfulness_batch, psnr_batch
 from models.networks import PatchDiscriminator, UNetGenerator, init_weights
 from pipeline.model_store import save_model
 from pipeline.stages import cpu_has_native_bf16
-from pipeline.storage import filesystem, join, portable_storage_options, write_bytes_atomic
+from pipeline.storage import join, portable_storage_options, write_bytes_atomic
 from pipeline.train_data import (
     TrainingConfigError,
     TrainingData,
+    arrow_location,
     random_crop_flip,
     rgb_to_unit,
+    shuffle_buffer_rows,
     to_model_lab,
 )
 
@@ -110,7 +110,6 @@ FINAL_METRIC_KEYS = (
 )
 _PSNR_CAP_DB = 100.0  # a perfect colourisation has infinite PSNR; the mean needs a number
 _SAMPLE_GUTTER = 2  # pixels between the tiles of the sample grid
-_SHUFFLE_BUFFER_ROWS = 256  # per worker: 63 MB at 286², enough to mix small shards fully
 
 
 # -- configuration -------------------------------------------------------------------------
@@ -624,7 +623,9 @@ def _start_or_resume(
     return model, history
 
 
-def _train_epoch(model: Pix2Pix, shard: Any, *, emit: _Progress) -> dict[str, float]:
+def _train_epoch(
+    model: Pix2Pix, shard: Any, *, shuffle_rows: int, emit: _Progress
+) -> dict[str, float]:
     """One pass over this worker's shard; the losses averaged over every worker's steps."""
     config = model.config
     started = time.perf_counter()
@@ -634,7 +635,7 @@ def _train_epoch(model: Pix2Pix, shard: Any, *, emit: _Progress) -> dict[str, fl
     for batch in shard.iter_torch_batches(
         batch_size=config.batch_size,
         drop_last=True,  # equal shards and full batches: every worker takes as many steps
-        local_shuffle_buffer_size=_SHUFFLE_BUFFER_ROWS,
+        local_shuffle_buffer_size=shuffle_rows,
         device=model.device,
     ):
         rgb = random_crop_flip(batch["rgb"], size=config.image_size)  # (B, 3, S, S) in [0, 1]
@@ -709,6 +710,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, progress: Any | None =
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     sample_uris = frozenset(loop_config.get("sample_uris", ()))
+    shuffle_rows = max(config.batch_size, int(loop_config.get("shuffle_buffer_rows", 64)))
 
     def validate() -> tuple[EvalSums, dict[str, Any]]:
         batches = val_shard.iter_batches(batch_size=config.val_batch_size, batch_format="numpy")
@@ -723,7 +725,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], *, progress: Any | None =
     # 4. Epochs: train on this worker's shard, validate, report metrics and a checkpoint.
     while model.epoch < config.epochs:
         started = time.perf_counter()
-        trained = _train_epoch(model, train_shard, emit=emit)
+        trained = _train_epoch(model, train_shard, shuffle_rows=shuffle_rows, emit=emit)
         val, samples = validate()
         metrics = {
             "epoch": model.epoch,
@@ -773,16 +775,8 @@ def _package_version(name: str) -> str:
 def ray_storage(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[str, Any | None]:
-    """(storage_path, storage_filesystem) for RunConfig from any fsspec URL.
-
-    Local paths go to Ray as absolute paths. Anything else is wrapped as a pyarrow filesystem
-    over our own fsspec one, so that Ray Train reaches it with exactly the endpoint and
-    credentials the rest of chromascan uses (pyarrow's S3 client ignores AWS_ENDPOINT_URL).
-    """
-    fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        return str(Path(path).resolve()), None
-    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    """(storage_path, storage_filesystem) for RunConfig from any fsspec URL (see arrow_location)."""
+    return arrow_location(url, storage_options)
 
 
 def _read_checkpoint_file(checkpoint: Any, name: str) -> bytes:
@@ -950,6 +944,7 @@ def run_training(
             "config": config.to_dict(),
             "sample_uris": list(data.sample_uris),
             "cpus_per_worker": cpus_per_worker,
+            "shuffle_buffer_rows": shuffle_buffer_rows(data.load_size),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -966,8 +961,9 @@ def run_training(
                 checkpoint_score_order="min",
             ),
         ),
-        # Block order re-randomised every epoch; each worker shuffles locally on top.
-        datasets={"train": data.train.randomize_block_order(), "val": data.val},
+        # Streamed: every epoch reads the shards again, in a new file order (see
+        # pipeline.train_data); each worker shuffles locally on top.
+        datasets={"train": data.train, "val": data.val},
         # Validation is not split: every worker sees it all and evaluates every
         # world_size-th batch, so no validation photo is dropped to even out the shards.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

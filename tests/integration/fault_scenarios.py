@@ -252,7 +252,9 @@ def train_scenario(args: argparse.Namespace) -> dict[str, Any]:
         observed["nodes_before"] = alive_node_ids()
         worker_by_id = {node.node_id: node for node in cluster.worker_nodes}
         observed["probe_queues"] = _progress_queue_placements(cluster, PROBE_QUEUES)
-        data = build_training_data(args.src, image_size=64, min_train_images=4)
+        data = build_training_data(
+            args.src, image_size=64, prepared_url=str(output / "data"), min_train_images=4
+        )
         finished: dict[str, Any] = {}
         # As the CLI does: progress events travel from the workers through a Ray queue.
         events: list[dict[str, Any]] = []
@@ -322,7 +324,69 @@ def train_scenario(args: argparse.Namespace) -> dict[str, Any]:
     return observed
 
 
-SCENARIOS = {"colorize": colorize_scenario, "train": train_scenario}
+# --- Scenario: one epoch over photos several times the size of a small object store ---------
+
+
+def train_store_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    """A single node whose object store holds a fraction of the decoded photos; one epoch.
+
+    Its own ray.init: the store's cap is a property of the cluster, and the shared test
+    cluster's is not small.
+    """
+    import dataclasses
+
+    from jobs.bench_train import StoreWatch
+    from models.config import DiscriminatorConfig, GeneratorConfig
+    from pipeline.train_data import build_training_data
+    from pipeline.training import TrainConfig, run_training
+
+    os.environ["RAY_TMPDIR"] = args.ray_temp  # see multi_node_cluster
+    temp_dir = os.path.join(args.ray_temp, "ray")
+    os.makedirs(temp_dir, exist_ok=True)
+    ray.init(
+        num_cpus=4,
+        object_store_memory=args.store_mb * 1024 * 1024,
+        _temp_dir=temp_dir,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    output = Path(args.output)
+    # Width 1: the figures are the ingest's; the model only has to consume the photos.
+    config = TrainConfig(
+        generator=GeneratorConfig(width=1, depth=3, image_size=256, dropout_blocks=1),
+        discriminator=DiscriminatorConfig(width=1),
+        epochs=1,
+        decay_epochs=0,
+        batch_size=16,
+    )
+    try:
+        with StoreWatch() as preparing:
+            data = build_training_data(
+                args.src,
+                val_url=args.val,
+                image_size=256,
+                prepared_url=str(output / "data"),
+                min_train_images=32,
+            )
+        with StoreWatch() as training:
+            outcome = run_training(data, config, output_url=str(output), workers=2)
+    finally:
+        ray.shutdown()
+    return {
+        "train_images": data.train_images,
+        "load_size": data.load_size,
+        "preparing": dataclasses.asdict(preparing.figures),
+        "training": dataclasses.asdict(training.figures),
+        "metrics": outcome.metrics,
+    }
+
+
+SCENARIOS = {
+    "colorize": colorize_scenario,
+    "train": train_scenario,
+    "train_store": train_store_scenario,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -334,6 +398,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dst")
     parser.add_argument("--model")
     parser.add_argument("--output", help="training output folder")
+    parser.add_argument("--val", help="validation photos (train_store)")
+    parser.add_argument("--store-mb", type=int, default=80, help="object store cap (train_store)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--join-timeout", type=float, default=240.0)
     return parser

@@ -137,6 +137,15 @@ def test_two_workers_learn_from_a_local_folder(local_run: CliRun, local_output: 
     summary = json.loads((local_output / "train.json").read_text())
     _assert_learned(summary["history"], epochs=4, world_size=2)
     assert "epoch 4/4" in local_run.err
+    assert "decoded copy reused" not in local_run.err
+
+    # The decoded copy: one folder of shards per listing, complete when prepared.json is there.
+    (prepared,) = (local_output / "data").iterdir()
+    record = json.loads((prepared / "prepared.json").read_text())
+    assert record["listed"] == PHOTOS + 3
+    assert record["fingerprint"].startswith(prepared.name)
+    assert sorted(p.name for p in prepared.iterdir()) == ["prepared.json", "train", "val"]
+    assert list((prepared / "train").glob("shard-*.parquet"))
 
     # Checkpoints: the last two kept, each with both workers' RNG and a sample grid.
     run_dir = local_output / RUN_FOLDER
@@ -200,6 +209,7 @@ def test_running_again_continues_the_finished_run(
         str(photos), "--output", str(local_output), *LOCAL_RUN, "--export", "best", *TINY
     )
     assert again.code == 0, again.err
+    assert "decoded copy reused" in again.err  # the photos were not decoded again
     assert "resume   continuing after epoch 4" in again.err
     assert "epoch 1/4" not in again.err
     rerun = json.loads((local_output / "train.json").read_text())
@@ -308,7 +318,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(
     epochs = 5
     output = tmp_path / "run"
     config = _tiny_config(epochs)
-    training_data = build_training_data(str(photos), image_size=64, min_train_images=4)
+    training_data = build_training_data(
+        str(photos), image_size=64, prepared_url=str(output / "data"), min_train_images=4
+    )
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:

@@ -23,15 +23,22 @@ from pipeline.train_data import (
     STATUS_GREY,
     STATUS_OK,
     GreyPhotoError,
+    PhotoListing,
     TrainingDataError,
     list_training_photos,
     load_size_for,
     prepare_training_photo,
+    prepared_fingerprint,
     random_crop_flip,
     read_and_prepare_batch,
+    read_shard_batch,
     rgb_to_unit,
+    rows_per_shard,
+    shard_name,
+    shuffle_buffer_rows,
     split_listing,
     to_model_lab,
+    write_shard_batch,
 )
 
 
@@ -171,6 +178,72 @@ def test_batch_reports_every_row_and_never_raises(tmp_path: Path) -> None:
     assert out["rgb"].shape == (5, 36, 36, 3)
     assert out["rgb"][0].any()
     assert not out["rgb"][1:4].any()  # placeholders, never trained on
+
+
+def test_a_shard_keeps_every_row_and_gives_back_the_usable_pixels(tmp_path: Path) -> None:
+    good = _write_photos(tmp_path / "photos", 3)
+    corrupt = tmp_path / "photos" / "corrupt.jpg"
+    corrupt.write_bytes(b"not a photo")
+    uris = [str(good[0]), str(corrupt), str(good[1]), str(good[2])]
+    listing = {"source_uri": np.array(uris, dtype=object)}
+    status = write_shard_batch(
+        listing,
+        size=36,
+        min_colorfulness=5.0,
+        source_options=None,
+        shard_folder=str(tmp_path / "shards"),
+        target_options=None,
+    )
+    # The driver gets the status of every row and the shard's URI, never pixels.
+    assert set(status) == {"source_uri", "status", "error_type", "error_message", "shard_uri"}
+    assert list(status["status"]) == [STATUS_OK, STATUS_FAILED, STATUS_OK, STATUS_OK]
+    (shard,) = set(status["shard_uri"])
+    assert Path(shard).parent == tmp_path / "shards"
+    assert Path(shard).name == shard_name(uris)  # a retried task rewrites the same file
+
+    read = read_shard_batch(
+        {"shard_uri": np.array([shard, shard], dtype=object)},
+        size=36,
+        columns=("rgb", "source_uri"),
+        storage_options=None,
+    )
+    expected = read_and_prepare_batch(listing, size=36, min_colorfulness=5.0, storage_options=None)[
+        "rgb"
+    ][[0, 2, 3]]
+    assert read["rgb"].dtype == np.uint8
+    assert read["rgb"].shape == (6, 36, 36, 3)
+    np.testing.assert_array_equal(read["rgb"][:3], expected)  # bit for bit, twice
+    np.testing.assert_array_equal(read["rgb"][3:], expected)
+    assert list(read["source_uri"]) == [uris[0], uris[2], uris[3]] * 2
+
+
+def test_the_fingerprint_follows_the_files_and_settings_not_the_order() -> None:
+    def listing(paths: list[str], size: int = 1) -> PhotoListing:
+        table = _listing(paths)
+        sizes = pa.array([size] * len(paths), pa.int64())
+        table = table.set_column(table.schema.get_field_index("source_size"), "source_size", sizes)
+        return PhotoListing("/root", None, 0.1, train=table, val=_listing(["v.jpg"]))
+
+    base = prepared_fingerprint(listing(["a.jpg", "b.jpg"]), image_size=64, min_colorfulness=5)
+    same = prepared_fingerprint(listing(["b.jpg", "a.jpg"]), image_size=64, min_colorfulness=5)
+    assert base == same
+    changed = [
+        prepared_fingerprint(
+            listing(["a.jpg", "b.jpg"], size=2), image_size=64, min_colorfulness=5
+        ),
+        prepared_fingerprint(listing(["a.jpg"]), image_size=64, min_colorfulness=5),
+        prepared_fingerprint(listing(["a.jpg", "b.jpg"]), image_size=128, min_colorfulness=5),
+        prepared_fingerprint(listing(["a.jpg", "b.jpg"]), image_size=64, min_colorfulness=9),
+    ]
+    assert base not in changed
+    assert len(set(changed)) == len(changed)
+
+
+def test_shards_and_shuffle_buffers_stay_a_few_mib() -> None:
+    assert rows_per_shard(286) * 286 * 286 * 3 <= 2 * 1024 * 1024
+    assert rows_per_shard(286) >= 8
+    assert shuffle_buffer_rows(286) == 2 * rows_per_shard(286)
+    assert rows_per_shard(4096) == 1  # a huge model size still makes shards of one photo
 
 
 def test_random_crop_flip_takes_windows_of_each_photo() -> None:
