@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,29 +66,35 @@ def time_forward(
     return results
 
 
-def sample_jpegs(
-    folder: str, count: int, *, size: tuple[int, int] = (512, 384), seed: int = 0
-) -> None:
-    """Write ``count`` grey JPEG scans of ``size`` made from scikit-image's sample photos."""
-    import os
-
+def sample_crops(count: int, *, size: tuple[int, int], seed: int = 0) -> Iterator[Any]:
+    """``count`` colour PIL images of ``size``: random crops of scikit-image's sample photos,
+    with the target's aspect ratio, flipped half the time, for variety."""
     import numpy as np
     from PIL import Image
     from skimage import data
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.retina()]
     rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
     width, height = size
     for index in range(count):
         photo = Image.fromarray(photos[index % len(photos)])
-        # A random crop with the target's aspect ratio, flipped half the time, for variety.
         scale = rng.uniform(0.6, 1.0)
         crop_w = int(min(photo.width, photo.height * width / height) * scale)
         crop_h = int(crop_w * height / width)
         left = int(rng.integers(0, photo.width - crop_w + 1))
         top = int(rng.integers(0, photo.height - crop_h + 1))
-        scan = photo.crop((left, top, left + crop_w, top + crop_h)).resize(size).convert("L")
+        crop = photo.crop((left, top, left + crop_w, top + crop_h)).resize(size)
         if rng.random() < 0.5:
-            scan = scan.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        scan.save(os.path.join(folder, f"scan-{index:05d}.jpg"), quality=90)
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        yield crop
+
+
+def sample_jpegs(
+    folder: str, count: int, *, size: tuple[int, int] = (512, 384), seed: int = 0
+) -> None:
+    """Write ``count`` grey JPEG scans of ``size`` made from scikit-image's sample photos."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    for index, crop in enumerate(sample_crops(count, size=size, seed=seed)):
+        crop.convert("L").save(os.path.join(folder, f"scan-{index:05d}.jpg"), quality=90)

@@ -91,23 +91,10 @@ def write_colour_photos(
     folder: str, count: int, *, size: tuple[int, int] = (400, 300), seed: int = 0
 ) -> None:
     """Write ``count`` colour JPEG photos of ``size``: random crops of scikit-image's samples."""
-    from PIL import Image
-    from skimage import data
+    from jobs.bench import sample_crops
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
-    width, height = size
-    for index in range(count):
-        photo = Image.fromarray(photos[index % len(photos)])
-        scale = rng.uniform(0.6, 1.0)
-        crop_w = int(min(photo.width, photo.height * width / height) * scale)
-        crop_h = int(crop_w * height / width)
-        left = int(rng.integers(0, photo.width - crop_w + 1))
-        top = int(rng.integers(0, photo.height - crop_h + 1))
-        crop = photo.crop((left, top, left + crop_w, top + crop_h)).resize(size)
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for index, crop in enumerate(sample_crops(count, size=size, seed=seed)):
         crop.save(os.path.join(folder, f"photo-{index:06d}.jpg"), quality=90)
 
 
@@ -329,12 +316,7 @@ def bench_train_command(
         results = []
         for size in sizes:
             config = TrainConfig(
-                generator=GeneratorConfig(
-                    width=width,
-                    depth=depth,
-                    image_size=image_size,
-                    dropout_blocks=min(3, depth - 2),
-                ),
+                generator=GeneratorConfig.sized(width=width, depth=depth, image_size=image_size),
                 discriminator=DiscriminatorConfig(width=width),
                 batch_size=size,
             )

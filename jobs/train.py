@@ -169,13 +169,7 @@ def train_command(
             )
     try:
         config = TrainConfig(
-            generator=GeneratorConfig(
-                width=width,
-                depth=depth,
-                image_size=image_size,
-                # The innermost up blocks with dropout: 3 in pix2pix, fewer in shallow U-Nets.
-                dropout_blocks=min(3, depth - 2),
-            ),
+            generator=GeneratorConfig.sized(width=width, depth=depth, image_size=image_size),
             discriminator=DiscriminatorConfig(width=width),
             epochs=epochs,
             decay_epochs=decay_epochs,

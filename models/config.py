@@ -24,6 +24,12 @@ class GeneratorConfig:
     dropout: float = 0.5  # in the innermost up blocks: pix2pix's only source of noise
     dropout_blocks: int = 3  # how many of the innermost up blocks get dropout
 
+    @classmethod
+    def sized(cls, *, width: int, depth: int, image_size: int) -> GeneratorConfig:
+        """A U-Net of this size with dropout in 3 innermost up blocks (fewer when shallow)."""
+        return cls(width=width, depth=depth, image_size=image_size,
+                   dropout_blocks=min(3, depth - 2))  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError("in_channels and out_channels must be at least 1")

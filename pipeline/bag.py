@@ -52,6 +52,7 @@ from pipeline.manifest_query import APPROVED, ManifestQuery, ManifestToolError
 from pipeline.manifest_tools import (
     OUTPUT_PATH,
     current_outputs,
+    file_tasks,
     hash_stream,
     open_manifest,
     ordered_map,
@@ -397,24 +398,18 @@ def _copy_on_ray(
     workers: int,
 ) -> Iterator[tuple[str, dict[str, str], int]]:
     """Copy in Ray Data tasks where the files are; yield what the payload manifests need."""
-    import ray.data  # noqa: PLC0415  (Ray only where it is asked for)
-
-    table = outputs.select([OUTPUT_PATH, "output_sha256"])
-    blocks = [table.slice(start, RAY_BATCH_ROWS)
-              for start in range(0, table.num_rows, RAY_BATCH_ROWS)]  # fmt: skip
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    batches = file_tasks(
+        outputs.select([OUTPUT_PATH, "output_sha256"]),
         copy_batch,
-        batch_format="pyarrow",
-        batch_size=None,
+        rows_per_task=RAY_BATCH_ROWS,
+        workers=workers,
         fn_kwargs={
             "dst": dst,
             "bag": bag,
             "storage_options": _task_options(dst, bag, storage_options),
         },
-        compute=ray.data.TaskPoolStrategy(size=workers),
-        num_cpus=1,
     )
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in batches:
         for row in batch.to_pylist():
             if row["error"] is not None:
                 raise BagError(row["error"])

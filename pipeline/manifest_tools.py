@@ -136,6 +136,36 @@ def current_outputs(table: pa.Table, dst: str) -> tuple[pa.Table, pa.Table]:
     return latest_rows(ok, OUTPUT_PATH), unlocatable
 
 
+def file_tasks(
+    table: pa.Table,
+    task: Callable[..., pa.Table],
+    *,
+    rows_per_task: int,
+    workers: int,
+    fn_kwargs: Mapping[str, Any],
+) -> Iterator[pa.Table]:
+    """``task`` over ``table`` in Ray Data tasks, ``workers`` at a time, where the files are.
+
+    The table holds paths and digests only; each task reads its ``rows_per_task`` files next
+    to the storage and returns a small table, which is what travels back to the driver.
+    """
+    import ray.data  # noqa: PLC0415  (Ray only where it is asked for)
+
+    blocks = [table.slice(start, rows_per_task)
+              for start in range(0, table.num_rows, rows_per_task)]  # fmt: skip
+    if not blocks:
+        return
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        task,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs=dict(fn_kwargs),
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
 # --- Streaming over storage ----------------------------------------------------------------
 
 FILES_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64())])

@@ -20,6 +20,7 @@ from pipeline.manifest_tools import (
     FILES_SCHEMA,
     OUTPUT_PATH,
     current_outputs,
+    file_tasks,
     hash_stream,
     iter_files,
     open_manifest,
@@ -263,28 +264,19 @@ def _verify_on_ray(
     report: Callable[[Finding], None],
     trust_anchors: str | None,
 ) -> None:
-    import ray.data  # noqa: PLC0415  (Ray only where it is asked for)
-
-    # The join holds paths, digests and sizes only; the files themselves are read by the
-    # tasks, next to the storage, RAY_BATCH_ROWS to a block so that `workers` tasks share them.
-    blocks = [joined.slice(start, RAY_BATCH_ROWS)
-              for start in range(0, joined.num_rows, RAY_BATCH_ROWS)]  # fmt: skip
-    if not blocks:
-        return
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    batches = file_tasks(
+        joined,
         hash_batch,
-        batch_format="pyarrow",
-        batch_size=None,
+        rows_per_task=RAY_BATCH_ROWS,
+        workers=workers,
         fn_kwargs={
             "images": images,
             "storage_options": _task_options(images, storage_options),
             "trust_anchors": trust_anchors,
         },
-        compute=ray.data.TaskPoolStrategy(size=workers),
-        num_cpus=1,
     )
     findings: list[Finding] = []
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in batches:
         for row in batch.to_pylist():
             if row["kind"] is None:
                 result.verified += row["verified"]

@@ -22,8 +22,8 @@ from pipeline.credentials import (
     read_credentials,
 )
 from pipeline.provenance import read_png_provenance
-from pipeline.stages import StageOptions, finalize_one, prepare_one
 from tests.pki import Pki, flip_png_pixels, make_pki
+from tests.unit.finalize_one_scan import colourise
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +36,6 @@ def keys(pki: Pki) -> SigningKeys:
     keys = load_signing_keys(pki.chain_pem.decode(), pki.key_pem.decode(), environ={})
     assert keys is not None
     return keys
-
-
-def _colourise(tmp_path: Path, name: str, data: bytes, keys: SigningKeys | None) -> dict:
-    source = tmp_path / name
-    source.write_bytes(data)
-    options = StageOptions(
-        run_id="signed", dst=str(tmp_path / "dst"), model_url="unused", model_id="m@abc",
-        model_sha256="0" * 64, image_size=32, software="chromascan 9.9", signing=keys,
-    )  # fmt: skip
-    row = {"source_uri": str(source), "source_size": len(data), "output_path": f"{name}.png",
-           "relative_path": name}  # fmt: skip
-    prepared = {**row, **prepare_one(row, options)}
-    ab = np.random.default_rng(3).normal(0, 30, (2, 32, 32)).astype(np.float32)
-    final = {**prepared, **finalize_one(prepared, ab, options)}
-    assert final["status"] == "ok", final
-    return final
 
 
 def _jpeg() -> bytes:
@@ -72,7 +56,7 @@ def _tiff16() -> bytes:
 def test_every_output_is_signed_as_ai_colourised_from_its_scan(
     tmp_path: Path, pki: Pki, keys: SigningKeys, name: str, data: bytes, bits: int
 ) -> None:
-    final = _colourise(tmp_path, name, data, keys)
+    final = colourise(tmp_path, name, data, signing=keys)
     png = Path(final["output_uri"]).read_bytes()
     assert (final["signed"], final["output_bits"]) == (True, bits)
     credentials = read_credentials(png, trust_anchors=pki.ca_pem.decode())
@@ -88,17 +72,17 @@ def test_every_output_is_signed_as_ai_colourised_from_its_scan(
     assert pixels.shape[:2] == (final["source_height"], final["source_width"])
     provenance = read_png_provenance(png)
     assert final["source_sha256"] in str(provenance["xmp"])
-    assert provenance["software"] == "chromascan 9.9"
+    assert provenance["software"] == "chromascan test"
 
 
 def test_unsigned_runs_write_no_credentials(tmp_path: Path) -> None:
-    final = _colourise(tmp_path, "photo.jpg", _jpeg(), None)
+    final = colourise(tmp_path, "photo.jpg", _jpeg())
     assert final["signed"] is False
     assert read_credentials(Path(final["output_uri"]).read_bytes()).state is None
 
 
 def test_a_tampered_output_fails_validation(tmp_path: Path, pki: Pki, keys: SigningKeys) -> None:
-    png = Path(_colourise(tmp_path, "photo.jpg", _jpeg(), keys)["output_uri"]).read_bytes()
+    png = Path(colourise(tmp_path, "photo.jpg", _jpeg(), signing=keys)["output_uri"]).read_bytes()
     credentials = read_credentials(flip_png_pixels(png), trust_anchors=pki.ca_pem.decode())
     assert credentials.state == "Invalid"
     assert "assertion.dataHash.mismatch" in credentials.failures

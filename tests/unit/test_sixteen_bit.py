@@ -14,23 +14,7 @@ from PIL import Image
 
 from models.colour import lightness_to_grey, rgb_to_lightness
 from pipeline.provenance import read_png_provenance
-from pipeline.stages import StageOptions, finalize_one, prepare_one
-
-
-def _colourise(tmp_path: Path, name: str, data: bytes, bits: str = "source") -> dict:
-    source = tmp_path / name
-    source.write_bytes(data)
-    options = StageOptions(
-        run_id="bits", dst=str(tmp_path / "dst"), model_url="unused", model_id="m@abc",
-        model_sha256="0" * 64, image_size=32, software="chromascan test", output_bits=bits,
-    )  # fmt: skip
-    row = {"source_uri": str(source), "source_size": len(data), "output_path": f"{name}.png"}
-    prepared = {**row, **prepare_one(row, options)}
-    # Strong colours that leave sRGB in places: L must survive the gamut mapping too.
-    ab = np.random.default_rng(3).normal(0, 35, (2, 32, 32)).astype(np.float32)
-    final = {**prepared, **finalize_one(prepared, ab, options)}
-    assert final["status"] == "ok", final
-    return final
+from tests.unit.finalize_one_scan import colourise
 
 
 def _grey16(width: int = 90, height: int = 60) -> np.ndarray:
@@ -42,7 +26,7 @@ def test_a_16_bit_grey_tiff_gives_16_bit_rgb_with_its_own_lightness(tmp_path: Pa
     grey = _grey16()
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="TIFF", dpi=(600, 600))
-    row = _colourise(tmp_path, "master.tif", buffer.getvalue())
+    row = colourise(tmp_path, "master.tif", buffer.getvalue())
     png = Path(row["output_uri"]).read_bytes()
     rgb = imagecodecs.png_decode(png)  # libpng, as other tools read it
     assert rgb.dtype == np.uint16
@@ -62,14 +46,14 @@ def test_a_16_bit_grey_tiff_gives_16_bit_rgb_with_its_own_lightness(tmp_path: Pa
 def test_eight_bit_sources_stay_eight_bit_and_bits_can_be_chosen(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray((_grey16() >> 8).astype(np.uint8)).save(buffer, format="PNG")
-    eight = _colourise(tmp_path, "scan.png", buffer.getvalue())
+    eight = colourise(tmp_path, "scan.png", buffer.getvalue())
     assert eight["output_bits"] == 8
     assert imagecodecs.png_decode(Path(eight["output_uri"]).read_bytes()).dtype == np.uint8
-    widened = _colourise(tmp_path, "scan16.png", buffer.getvalue(), bits="16")
+    widened = colourise(tmp_path, "scan16.png", buffer.getvalue(), bits="16")
     assert imagecodecs.png_decode(Path(widened["output_uri"]).read_bytes()).dtype == np.uint16
     buffer = io.BytesIO()
     Image.fromarray(_grey16()).save(buffer, format="TIFF")
-    narrowed = _colourise(tmp_path, "master8.tif", buffer.getvalue(), bits="8")
+    narrowed = colourise(tmp_path, "master8.tif", buffer.getvalue(), bits="8")
     assert narrowed["output_bits"] == 8
     with Image.open(Path(narrowed["output_uri"])) as image:
         assert image.mode == "RGB"
@@ -80,7 +64,7 @@ def test_a_48_bit_rgb_tiff_is_read_at_full_depth(tmp_path: Path) -> None:
     rgb = np.stack([grey, grey, grey], axis=-1)
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, rgb, photometric="rgb", metadata=None)
-    row = _colourise(tmp_path, "colour-master.tif", buffer.getvalue())
+    row = colourise(tmp_path, "colour-master.tif", buffer.getvalue())
     assert row["source_bits"] == 16
     out = imagecodecs.png_decode(Path(row["output_uri"]).read_bytes())
     lightness = rgb_to_lightness(torch.from_numpy(out.astype(np.float32) / 65535).permute(2, 0, 1))
