@@ -94,6 +94,7 @@ def _sql_type(field: pa.Field) -> str:
         pa.int32(): "INTEGER",
         pa.int16(): "SMALLINT",
         pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
     }
     if pa.types.is_timestamp(field.type):
         return "TIMESTAMPTZ"
