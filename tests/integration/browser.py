@@ -89,10 +89,15 @@ class DevTools:
                 return reply["result"]
             self.events.append(reply)
 
-    def wait_for(self, method: str, *, timeout_s: float = 60.0) -> dict[str, Any]:
+    def wait_for(self, method: str, *, since: int = 0, timeout_s: float = 60.0) -> dict[str, Any]:
+        """The first ``method`` event at or after ``self.events[since]``, waiting for it.
+
+        ``since`` matters with one browser for many pages: an earlier page's load event must
+        not count as this one's.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
-            for event in self.events:
+            for event in self.events[since:]:
                 if event.get("method") == method:
                     return event
             self.events.append(self._read(deadline))
@@ -146,8 +151,9 @@ class Page:
         ]
         for domain in ("Runtime", "Log", "Page", "Network"):
             browser.call(f"{domain}.enable", session=self.session)
+        loads_from = len(browser.events)
         browser.call("Page.navigate", {"url": url}, session=self.session)
-        browser.wait_for("Page.loadEventFired")
+        browser.wait_for("Page.loadEventFired", since=loads_from)
 
     def evaluate(self, expression: str) -> Any:
         result = self.browser.call(
