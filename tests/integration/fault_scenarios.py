@@ -226,8 +226,12 @@ def _progress_queue_placements(cluster: Cluster, count: int) -> list[dict[str, A
     for sink, _ in pumps:
         sink.put({"kind": "probe"})  # returns once the queue's actor is up, so placed
     placed = [a for a in actors_by_class(cluster, "_QueueActor") if a["state"] == "ALIVE"]
-    for _, stop in pumps:
-        stop()
+    # Stopped side by side: each stop waits out its pump's 0.5 s poll, 5 s one after another.
+    stoppers = [threading.Thread(target=stop) for _, stop in pumps]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
     return placed
 
 

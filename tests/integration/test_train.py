@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,15 +313,30 @@ def _tiny_config(epochs: int) -> TrainConfig:
     )
 
 
+def _decoded_copy_of_the_local_run(local_output: Path, output: Path) -> Path:
+    """OUTPUT/data of the module's local run, copied under ``output``: the same photo listing
+    finds it there (its fingerprint names the listing, not the place), so a test whose subject
+    is restarting, not decoding, spares a second decode of the photos."""
+    prepared = output / "data"
+    shutil.copytree(local_output / "data", prepared)
+    return prepared
+
+
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(
-    ray_local: dict[str, Any], photos: Path, tmp_path: Path
+    ray_local: dict[str, Any], photos: Path, local_run: CliRun, local_output: Path, tmp_path: Path
 ) -> None:
-    epochs = 5
+    # Killed after epoch 1, so the restart resumes from epoch 1 or 2 of 3: a checkpoint, not
+    # the start, and not the end.
+    epochs = 3
     output = tmp_path / "run"
     config = _tiny_config(epochs)
     training_data = build_training_data(
-        str(photos), image_size=64, prepared_url=str(output / "data"), min_train_images=4
+        str(photos),
+        image_size=64,
+        prepared_url=str(_decoded_copy_of_the_local_run(local_output, output)),
+        min_train_images=4,
     )
+    assert training_data.reused
     killed: list[int] = []
 
     def kill_a_worker_after_the_first_checkpoint() -> None:
@@ -360,12 +376,15 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(
 def test_rerunning_after_the_driver_died_continues_the_run(
     ray_local: dict[str, Any],
     photos: Path,
+    local_run: CliRun,
+    local_output: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     output = tmp_path / "run"
+    _decoded_copy_of_the_local_run(local_output, output)
     argv = [
-        str(photos), "--output", str(output), "--workers", "2", "--epochs", "4", *TINY,
+        str(photos), "--output", str(output), "--workers", "2", "--epochs", "3", *TINY,
     ]  # fmt: skip
     # A separate driver process on the shared cluster, killed outright after epoch 1.
     env = {**os.environ, "RAY_ADDRESS": str(ray_local["address"])}
@@ -389,11 +408,11 @@ def test_rerunning_after_the_driver_died_continues_the_run(
     assert code == 0, err
     summary = json.loads((output / "train.json").read_text())
     resumed_epoch = summary["resumed_from"]["epoch"]
-    assert 1 <= resumed_epoch < 4
+    assert 1 <= resumed_epoch < 3
     assert f"resume   continuing after epoch {resumed_epoch}" in err
-    assert "epoch 1/4" not in err  # the first epoch was not trained again
+    assert "epoch 1/3" not in err  # the first epoch was not trained again
     assert f"continued after epoch {resumed_epoch}" in out
-    _assert_learned(summary["history"], epochs=4, world_size=2)
+    _assert_learned(summary["history"], epochs=3, world_size=2)
 
 
 def test_a_folder_of_only_bad_photos_is_a_one_line_error(
