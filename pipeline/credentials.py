@@ -73,17 +73,20 @@ class SigningKeys:
 
 def _pem(value: str, what: str) -> bytes:
     """PEM text as given, or the contents of the file it names."""
-    if value.lstrip().startswith("-----BEGIN"):
+    if "-----BEGIN" in value:  # text (openssl may put "Bag Attributes" lines before it)
         return value.encode()
     path = Path(value).expanduser()
     try:
         return path.read_bytes()
     except OSError as err:
-        raise CredentialsError(f"{what} {value}: cannot read ({err.strerror or err})") from None
+        # Only a one-line value is named: anything else may be key material, never echoed.
+        shown = value if "\n" not in value and len(value) <= 300 else "(the value given)"
+        raise CredentialsError(f"{what} {shown}: cannot read ({err.strerror or err})") from None
 
 
-def _algorithm(chain_pem: bytes, key_pem: bytes) -> tuple[str, str]:
-    """(C2PA signing algorithm, leaf subject) of a key checked against its certificate."""
+def _checked(chain_pem: bytes, key_pem: bytes) -> SigningKeys:
+    """The pair as c2pa takes it (the key as unencrypted PKCS#8, its algorithm, the leaf's
+    subject), once the key is known to belong to the chain's first certificate."""
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -94,34 +97,31 @@ def _algorithm(chain_pem: bytes, key_pem: bytes) -> tuple[str, str]:
         leaf = x509.load_pem_x509_certificates(chain_pem)[0]
     except ValueError:
         raise CredentialsError("signing certificate: not a PEM certificate chain") from None
-    if leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+
+    def spki(public_key: Any) -> bytes:
+        return public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    if spki(leaf.public_key()) != spki(key.public_key()):
         raise CredentialsError(
             "signing key does not match the certificate chain's first (leaf) certificate"
         )
-    chosen = None
+    algorithm = None
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        chosen = _EC_ALGORITHMS.get(key.curve.key_size)
+        algorithm = _EC_ALGORITHMS.get(key.curve.key_size)
     elif isinstance(key, rsa.RSAPrivateKey):
-        chosen = "ps256"
+        algorithm = "ps256"
     elif isinstance(key, ed25519.Ed25519PrivateKey):
-        chosen = "ed25519"
-    if chosen is None:
+        algorithm = "ed25519"
+    if algorithm is None:
         raise CredentialsError(f"signing key: {type(key).__name__} cannot sign C2PA manifests")
-    return chosen, leaf.subject.rfc4514_string()
-
-
-def _pkcs8(key_pem: bytes) -> bytes:
-    """c2pa takes unencrypted PKCS#8 only; "BEGIN EC PRIVATE KEY" files are re-encoded."""
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
+    # c2pa takes unencrypted PKCS#8 only: "BEGIN EC PRIVATE KEY" files are re-encoded.
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    )
+    )  # fmt: skip
+    return SigningKeys(chain_pem, pkcs8, algorithm, leaf.subject.rfc4514_string())
 
 
 def load_signing_keys(
@@ -145,8 +145,7 @@ def load_signing_keys(
         env = CERT_ENV if cert is None else KEY_ENV
         raise CredentialsError(f"signing needs a certificate and a key: {missing} (or {env})")
     chain_pem, key_pem = _pem(cert, "--sign-cert"), _pem(key, "--sign-key")
-    algorithm, subject = _algorithm(chain_pem, key_pem)  # the pair's errors, in our words
-    keys = SigningKeys(chain_pem, _pkcs8(key_pem), algorithm, subject)
+    keys = _checked(chain_pem, key_pem)  # the pair's errors first, in our words
     preflight(keys)
     return keys
 

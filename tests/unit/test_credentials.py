@@ -120,6 +120,13 @@ def test_bad_credentials_are_one_line_errors(tmp_path: Path, pki: Pki) -> None:
             load_signing_keys(cert_value, key_value, environ={})
         assert "\n" not in str(caught.value)
         assert "BEGIN" not in str(caught.value)  # the key's text is never echoed
+    # A value that is neither a readable path nor PEM may be key material: never echoed.
+    with pytest.raises(CredentialsError, match="the value given") as caught:
+        load_signing_keys("Bag Attributes\nMIIEvQIBADANBgkqhkiG9w0B", str(key), environ={})
+    assert "MIIE" not in str(caught.value)
+    # PEM text with openssl's attribute lines before it is PEM text, not a path.
+    with_attributes = "Bag Attributes\n    localKeyID: 01\n" + key.read_text()
+    assert load_signing_keys(str(chain), with_attributes, environ={}) is not None
     # The CA's own certificate, leaf first, is not this key's: refused before signing.
     ca_first = ca.read_bytes() + chain.read_bytes()
     with pytest.raises(CredentialsError, match="does not match"):
