@@ -3,12 +3,14 @@
 What the manifest says should be there (the latest ok row per output) is full-outer-joined
 with a listing of DST/images in Arrow; then the files present on both sides are re-hashed
 in 1 MiB chunks on a small thread pool, in path order. Memory holds the two path columns and
-a few chunks in flight, never the outputs themselves, so it works on a bucket of millions of
-PNGs as on a local folder.
+a few chunks in flight, so it works on a bucket of millions of PNGs as on a local folder.
+Signed outputs are the exception: c2pa validates a whole file, so each one being checked is
+held once (one per worker thread or task), from the same read that hashes it.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -157,9 +159,11 @@ def _check(fs: Any, root: str, row: Mapping[str, Any], trust_anchors: str | None
         return Checked(Finding(MISSING, path, f"sha256 {row['output_sha256']}"))
     signed = bool(row.get("signed"))
     try:
-        digests, size = hash_stream(fs, f"{root}/{path}")
-        # A signed output is read a second time, by c2pa: what it says is why the file fails.
-        problem = _credentials_problem(fs, f"{root}/{path}", trust_anchors) if signed else None
+        # A signed output's bytes are kept from the one read that hashes them, for c2pa to
+        # validate: what it says is why the file fails.
+        kept = io.BytesIO() if signed else None
+        digests, size = hash_stream(fs, f"{root}/{path}", copy_to=kept)
+        problem = None if kept is None else _credentials_problem(kept.getvalue(), trust_anchors)
     except FileNotFoundError:  # deleted between the listing and the read
         return Checked(Finding(MISSING, path, f"sha256 {row['output_sha256']}"))
     except OSError as err:
@@ -176,15 +180,14 @@ def _check(fs: Any, root: str, row: Mapping[str, Any], trust_anchors: str | None
     return Checked(None, size, signed)
 
 
-def _credentials_problem(fs: Any, path: str, trust_anchors: str | None) -> str | None:
+def _credentials_problem(data: bytes, trust_anchors: str | None) -> str | None:
     """What is wrong with a signed output's C2PA credentials, in c2pa's codes; None: nothing.
 
     Without trust anchors an intact signature ("Valid") passes; with them, only "Trusted".
     """
     from pipeline.credentials import INVALID, TRUSTED, read_credentials  # noqa: PLC0415
 
-    with fs.open(path, "rb") as handle:
-        credentials = read_credentials(handle.read(), trust_anchors=trust_anchors)
+    credentials = read_credentials(data, trust_anchors=trust_anchors)
     codes = f": {', '.join(credentials.failures)}" if credentials.failures else ""
     if credentials.state is None:
         return "C2PA credentials gone (the file has none)"
