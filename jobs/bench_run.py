@@ -28,6 +28,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch and Ray load only when a bench runs, not for `chromascan --help`
     from pipeline.colorize import ColorizeConfig, Progress
 
+BEFORE = "before"  # the finalize stage timed with the writer before pipeline.png
 METHOD = (
     "single-worker rate measured in one Ray actor on the cluster; cluster rate = single-worker "
     "rate x workers (prepare, finalize: one per cluster CPU; model: one per colorizer actor); "
@@ -47,8 +48,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def write_samples(folder: str, count: int, *, width: int, height: int, bits: int) -> None:
-    """8-bit: JPEG photos (sample_jpegs); 16-bit: TIFF scans (make_scan), one copied count times.
+def write_samples(
+    folder: str, count: int, *, width: int, height: int, bits: int, grain: bool = False
+) -> None:
+    """8-bit: JPEG photos (sample_jpegs); 16-bit or grainy: TIFF scans (make_scan), one copied
+    count times.
 
     Copies are as costly to decode as distinct scans, and generating one 6000×4000 scan
     already takes seconds.
@@ -56,12 +60,12 @@ def write_samples(folder: str, count: int, *, width: int, height: int, bits: int
     from jobs.bench import sample_jpegs
     from jobs.bench_scan import make_scan
 
-    if bits == 8:
+    if bits == 8 and not grain:
         sample_jpegs(folder, count, size=(width, height))
         return
     os.makedirs(folder, exist_ok=True)
     first = os.path.join(folder, "scan-00000.tif")
-    make_scan(first, width, height, bits)
+    make_scan(first, width, height, bits, grain=grain)
     for index in range(1, count):
         shutil.copyfile(first, os.path.join(folder, f"scan-{index:05d}.tif"))
 
@@ -148,19 +152,24 @@ class StageTimer:
         torch.set_num_threads(1)  # back to a CPU task's single thread for finalize
         return seconds
 
-    def finalize(self) -> dict[str, Any]:
-        """Seconds to finalize every input with the last model stage's ab; first failure."""
+    def finalize(self, encoder: str = "isal", *, last: bool = True) -> dict[str, Any]:
+        """Seconds to finalize every input with the last model stage's ab; first failure.
+
+        ``encoder``: "reference" times the merge and PNG writers before pipeline.png (the
+        bench's "before"). ``last`` removes the outputs afterwards.
+        """
         from pipeline.stages import finalize_one
 
         assert self.ab is not None, "the model stage runs before finalize"
-        finalize_one(self.prepared[0], self.ab[0], self.options)  # warm-up, as for prepare
+        options = replace(self.options, png_encoder=encoder)
+        finalize_one(self.prepared[0], self.ab[0], options)  # warm-up, as for prepare
         started = time.perf_counter()
         results = [
-            finalize_one(row, self.ab[index], self.options)
-            for index, row in enumerate(self.prepared)
+            finalize_one(row, self.ab[index], options) for index, row in enumerate(self.prepared)
         ]
         seconds = time.perf_counter() - started
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if last:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         failed = [result for result in results if result["status"] != "ok"]
         return {"seconds": seconds, "error": failed[0]["error_message"] if failed else None}
 
@@ -224,11 +233,28 @@ class BenchReport:
     method: str = METHOD
     notes: list[str] = field(default_factory=list)
 
-    def _for_run(self) -> list[StageRate]:
-        """The stage rates for the precision the end-to-end run used."""
+    def _for_run(self, *, before: bool = False) -> list[StageRate]:
+        """The stage rates for the precision the end-to-end run used (``before``: with the
+        finalize writer before pipeline.png, for the side-by-side projection)."""
         return [
-            s for s in self.stages if s.stage != "model" or s.precision == self.end_to_end.precision
+            s
+            for s in self.stages
+            if (s.stage != "model" or s.precision == self.end_to_end.precision)
+            and (s.stage != "finalize" or (s.precision == BEFORE) == before)
         ]
+
+    def _estimate(self, stages: list[StageRate]) -> float:
+        bottleneck = min(s.cluster_images_per_s for s in stages)
+        cpu_s = sum(s.cpu_s_per_image for s in stages)
+        return min(bottleneck, self.cluster_cpus / cpu_s if cpu_s > 0 else float("inf"))
+
+    @property
+    def estimate_before_images_per_s(self) -> float | None:
+        """The stage estimate with the earlier finalize, when it was timed."""
+        stages = self._for_run(before=True)
+        if not any(s.stage == "finalize" for s in stages):
+            return None
+        return self._estimate(stages)
 
     @property
     def bottleneck(self) -> StageRate:
@@ -241,7 +267,7 @@ class BenchReport:
 
     @property
     def estimate_images_per_s(self) -> float:
-        return min(self.bottleneck.cluster_images_per_s, self.cpu_bound_images_per_s)
+        return self._estimate(self._for_run())
 
     def hours(self, images_per_s: float) -> float:
         return self.scans / images_per_s / 3600
@@ -270,6 +296,9 @@ class BenchReport:
                 "height": self.height,
                 "hours_at_end_to_end": self.hours(e2e_rate),
                 "hours_at_estimate": self.hours(self.estimate_images_per_s),
+                "hours_at_estimate_before": (
+                    self.hours(before) if (before := self.estimate_before_images_per_s) else None
+                ),
             },
             "method": self.method,
             "notes": self.notes,
@@ -325,6 +354,7 @@ def _time_stages(
     task_workers: int,
     actors: int,
     model_cpus: float,
+    before: bool,
     progress: Callable[[str], None],
 ) -> tuple[list[StageRate], tuple[int, int, int]]:
     """Every stage on the StageTimer actor, in order; the rates and the first input's size."""
@@ -344,12 +374,15 @@ def _time_stages(
         seconds = ray.get(timer.model.remote(precision, batch_size))
         stages.append(StageRate("model", precision, count, seconds, actors, model_cpus))
         progress(f"model {precision}: {stages[-1].single_worker_images_per_s:.2f} images/s")
-    progress("finalize: ...")
-    finalized = ray.get(timer.finalize.remote())
-    if finalized["error"]:
-        raise ColorizeError(f"finalize failed: {finalized['error']}")
-    stages.append(StageRate("finalize", None, count, finalized["seconds"], task_workers, 1.0))
-    progress(f"finalize: {stages[-1].single_worker_images_per_s:.2f} images/s")
+    runs = [(BEFORE, "reference"), (None, "isal")] if before else [(None, "isal")]
+    for label, encoder in runs:
+        name = f"finalize {label}" if label else "finalize"
+        progress(f"{name}: ...")
+        finalized = ray.get(timer.finalize.remote(encoder, last=label is None))
+        if finalized["error"]:
+            raise ColorizeError(f"{name} failed: {finalized['error']}")
+        stages.append(StageRate("finalize", label, count, finalized["seconds"], task_workers, 1.0))
+        progress(f"{name}: {stages[-1].single_worker_images_per_s:.2f} images/s")
     return stages, (prepared["width"], prepared["height"], prepared["bits"])
 
 
@@ -365,6 +398,7 @@ def bench_run(
     scans: int,
     software: str,
     dst: str | None = None,
+    before: bool = True,
     progress: Callable[[str], None] = lambda line: None,
 ) -> BenchReport:
     """Measure every stage, then the pipeline end to end; Ray must be initialised.
@@ -401,7 +435,8 @@ def bench_run(
     try:
         stages, (width, height, bits) = _time_stages(
             timer, uris, precisions=precisions, batch_size=batch_size, task_workers=task_workers,
-            actors=actors, model_cpus=0.0 if gpu else actor_cpus, progress=progress,
+            actors=actors, model_cpus=0.0 if gpu else actor_cpus, before=before,
+            progress=progress,
         )  # fmt: skip
     finally:
         ray.kill(timer)  # its CPU is the pipeline's now, and a failed bench leaves nothing behind
@@ -460,6 +495,14 @@ def report_lines(report: BenchReport) -> list[str]:
         f"{report.hours(rate):,.1f} hours on this cluster end to end "
         f"({report.hours(report.estimate_images_per_s):,.1f} hours at the stage estimate)"
     )
+    before = report.estimate_before_images_per_s
+    finalize = [s for s in report.stages if s.stage == "finalize"]
+    if before:
+        lines.append(
+            f"before pipeline.png's writer: {report.hours(before):,.1f} hours at the stage "
+            f"estimate ({before:.2f} images/s); finalize CPU s/img "
+            + " -> ".join(f"{s.cpu_s_per_image:.3f}" for s in finalize)
+        )
     lines.append(f"method: {METHOD}")
     lines.extend(f"note: {note}" for note in report.notes)
     return lines

@@ -373,6 +373,12 @@ def bench_run_command(
         int, typer.Option(help="8: JPEG photos; 16: TIFF scans (e.g. --size 6000x4000).")
     ] = 8,
     images: Annotated[int, typer.Option(min=1, help="How many scans to generate.")] = 32,
+    grain: Annotated[
+        bool, typer.Option(help="Generated scans have film grain, as real ones (TIFF).")
+    ] = False,
+    before: Annotated[
+        bool, typer.Option(help="Also time finalize with the merge and PNG writers before ISA-L.")
+    ] = True,
     src: Annotated[
         str | None,
         typer.Option(help="Use these scans instead (a URL the cluster can read when remote)."),
@@ -420,13 +426,14 @@ def bench_run_command(
         model = model or _reference_model(scratch)
         if src is None:
             src = f"{scratch}/scans"
-            kind = "JPEG" if bits == 8 else f"{bits}-bit TIFF"
+            kind = "JPEG" if bits == 8 and not grain else f"{bits}-bit TIFF"
+            kind += ", grainy" if grain else ""
             progress(f"writing {images} sample scans ({width}×{height} {kind}) ...")
-            write_samples(src, images, width=width, height=height, bits=bits)
+            write_samples(src, images, width=width, height=height, bits=bits, grain=grain)
         ensure_ray()
         report = bench_run(
             src, model, precisions=precisions, batch_size=batch_size, actors=actors,
-            actor_cpus=actor_cpus, gpu=gpu, scans=scans, dst=dst,
+            actor_cpus=actor_cpus, gpu=gpu, scans=scans, dst=dst, before=before,
             software=f"chromascan {package_version()}", progress=progress,
         )  # fmt: skip
     if as_json:

@@ -83,6 +83,14 @@ SignKey = Annotated[
         help="The certificate's private key (unencrypted PEM file; or env CHROMASCAN_SIGN_KEY).",
     ),
 ]
+FinalizeThreads = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Threads (and reserved CPUs) per scan's merge and encode: more when a node has "
+        "fewer huge scans at a time than cores.",
+    ),
+]
 AllowFailures = Annotated[
     bool, typer.Option(help="Exit 0 even when some scans failed (they stay in the manifest).")
 ]
@@ -113,7 +121,7 @@ def colorize_command(
         str, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16 where native).")
     ] = "auto",
     png_level: Annotated[
-        int, typer.Option(min=0, max=9, help="PNG zlib level: 1 fastest, 9 smallest.")
+        int, typer.Option(min=0, max=9, help="PNG deflate level: 1 fastest, 9 smallest.")
     ] = 1,
     incremental: Annotated[
         bool,
@@ -125,6 +133,7 @@ def colorize_command(
     any_model: Annotated[
         bool, typer.Option(help="With --incremental, scans done by another model count as done.")
     ] = False,
+    finalize_threads: FinalizeThreads = 1,
     sign_cert: SignCert = None,
     sign_key: SignKey = None,
     allow_failures: AllowFailures = False,
@@ -141,7 +150,7 @@ def colorize_command(
         batch_size=batch_size, actor_cpus=actor_cpus, max_pixels=max_pixels, limit=limit,
         precision=precision, png_compress_level=png_level, incremental=incremental,
         retry_failed=retry_failed, any_model=any_model, flush_seconds=flush_seconds,
-        storage_timeout_s=storage_timeout, bits=bits,
+        storage_timeout_s=storage_timeout, bits=bits, finalize_threads=finalize_threads,
     )  # fmt: skip
 
 
@@ -210,6 +219,7 @@ def nightly_command(
     any_model: Annotated[
         bool, typer.Option(help="Scans done by another model count as done (no re-colouring).")
     ] = False,
+    finalize_threads: FinalizeThreads = 1,
     sign_cert: SignCert = None,
     sign_key: SignKey = None,
     allow_failures: AllowFailures = False,
@@ -225,5 +235,5 @@ def nightly_command(
         src=src, dst=dst, model=model, gpu=gpu, actors=actors, actor_cpus=actor_cpus,
         batch_size=batch_size, max_pixels=max_pixels, incremental=True,
         retry_failed=retry_failed, any_model=any_model, storage_timeout_s=storage_timeout,
-        bits=bits,
+        bits=bits, finalize_threads=finalize_threads,
     )  # fmt: skip

@@ -28,7 +28,7 @@ from models.colour import (
     normalize_l,
     rgb_to_lightness,
 )
-from models.merge_kernel import merge_rows_srgb8
+from models.merge_kernel import merge_rows_srgb
 
 # Pixels converted at once: bounds the float working set (~100 bytes a pixel across the
 # temporaries of Lab -> sRGB) to ~100 MB whatever the scan's width.
@@ -206,6 +206,7 @@ def merge_full_resolution(
     strip_rows: int | None = None,
     reference: bool = False,
     column_tile: int | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Full-resolution L* (H, W) + model-size ab (2, s, s) -> sRGB (H, W, 3) of ``dtype``.
 
@@ -216,8 +217,10 @@ def merge_full_resolution(
     strip of rows at a time, so the float working set is a strip, not the scan. The source's
     own L is kept: colours outside sRGB lose chroma, never lightness.
 
-    8-bit output goes through the compiled kernel (models.merge_kernel) unless ``reference``
-    asks for the torch computation it must match value for value.
+    8- and 16-bit output go through the compiled kernel (models.merge_kernel), on ``threads``
+    bands of rows, unless ``reference`` asks for the torch computation it must match (value
+    for value at 8 bits; at 16, within 1 of 65,535 on the rare pixels where two powf
+    implementations differ in the last bit).
     """
     height, width = lightness.shape
     if ab.ndim != 3 or ab.shape[0] != 2:
@@ -260,6 +263,7 @@ def merge_full_resolution(
             peak=peak,
             strip_rows=strip_rows,
             reference=reference,
+            threads=threads,
         )
     return output
 
@@ -273,13 +277,15 @@ def _merge_columns(
     peak: float,
     strip_rows: int | None,
     reference: bool,
+    threads: int = 1,
 ) -> None:
     """Fill ``output`` (H, T, 3), a view, from L* (H, T) and width-resampled ab (2, h, T)."""
     height, width = lightness.shape
     row0, row1, weight = row_weights
-    if output.dtype == np.uint8 and not reference:
-        # The usual output: one compiled pass, no float working set at all (same values).
-        merge_rows_srgb8(lightness, ab_wide.numpy(), row_weights, output)
+    if output.dtype in (np.uint8, np.uint16) and not reference:
+        # The usual output: one compiled pass, no float working set at all (same values; at
+        # 16 bits within 1 of 65,535 where libm's powf and torch's differ in the last bit).
+        merge_rows_srgb(lightness, ab_wide.numpy(), row_weights, output, threads=threads)
         return
     strip_rows = _strip_rows(width, strip_rows)
     for top in range(0, height, strip_rows):

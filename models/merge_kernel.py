@@ -13,6 +13,9 @@ two value for value, and it serves the 16-bit and float outputs.
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
@@ -67,6 +70,36 @@ def _to8(value, lut):  # type: ignore[no-untyped-def]
     return lut[np.int32(value * _F32(LINEAR_STEPS) + _F32(0.5))]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _to16(value):  # type: ignore[no-untyped-def]
+    # As models.colour.linear_to_srgb, then clamp and round to 16 bits, all in float32.
+    value = min(max(value, _F32(0.0)), _F32(1.0))
+    if value > _F32(0.0031308):
+        value = _F32(1.055) * value ** _F32(1.0 / 2.4) - _F32(0.055)
+    else:
+        value = value * _F32(12.92)
+    value = min(max(value, _F32(0.0)), _F32(1.0))
+    return np.uint16(np.rint(value * _F32(65535.0)))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fitted(light, a, b, steps, m, white):  # type: ignore[no-untyped-def]  # noqa: PLR0917
+    red, green, blue = _linear(light, a, b, m, white)
+    if _fits(red, green, blue):
+        return red, green, blue
+    # Largest chroma scale that fits, by bisection: the pixel keeps L and hue.
+    low = _F32(0.0)
+    high = _F32(1.0)
+    for _ in range(steps):
+        middle = (low + high) / _F32(2.0)
+        tr, tg, tb = _linear(light, a * middle, b * middle, m, white)
+        if _fits(tr, tg, tb):
+            low = middle
+        else:
+            high = middle
+    return _linear(light, a * low, b * low, m, white)
+
+
 # Positional only: numba compiles no keyword-only parameters.
 @numba.njit(cache=True, nogil=True)
 def _merge_rows(  # type: ignore[no-untyped-def]  # noqa: PLR0917
@@ -79,50 +112,78 @@ def _merge_rows(  # type: ignore[no-untyped-def]  # noqa: PLR0917
         w = weight[y]
         keep = _F32(1.0) - w
         for x in range(width):
-            light = lightness[y, x]
             a = ab_wide[0, r0, x] * keep + ab_wide[0, r1, x] * w
             b = ab_wide[1, r0, x] * keep + ab_wide[1, r1, x] * w
-            red, green, blue = _linear(light, a, b, m, white)
-            if not _fits(red, green, blue):
-                # Largest chroma scale that fits, by bisection: the pixel keeps L and hue.
-                low = _F32(0.0)
-                high = _F32(1.0)
-                for _ in range(steps):
-                    middle = (low + high) / _F32(2.0)
-                    tr, tg, tb = _linear(light, a * middle, b * middle, m, white)
-                    if _fits(tr, tg, tb):
-                        low = middle
-                    else:
-                        high = middle
-                red, green, blue = _linear(light, a * low, b * low, m, white)
+            red, green, blue = _fitted(lightness[y, x], a, b, steps, m, white)
             out[y, x, 0] = _to8(red, lut)
             out[y, x, 1] = _to8(green, lut)
             out[y, x, 2] = _to8(blue, lut)
 
 
-def merge_rows_srgb8(
+@numba.njit(cache=True, nogil=True)
+def _merge_rows16(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+    lightness, ab_wide, row0, row1, weight, steps, m, white, out
+):
+    height, width = lightness.shape
+    for y in range(height):
+        r0 = row0[y]
+        r1 = row1[y]
+        w = weight[y]
+        keep = _F32(1.0) - w
+        for x in range(width):
+            a = ab_wide[0, r0, x] * keep + ab_wide[0, r1, x] * w
+            b = ab_wide[1, r0, x] * keep + ab_wide[1, r1, x] * w
+            red, green, blue = _fitted(lightness[y, x], a, b, steps, m, white)
+            out[y, x, 0] = _to16(red)
+            out[y, x, 1] = _to16(green)
+            out[y, x, 2] = _to16(blue)
+
+
+def merge_rows_srgb(
     lightness: np.ndarray,
     ab_wide: np.ndarray,
     rows: tuple[np.ndarray, np.ndarray, np.ndarray],
     out: np.ndarray,
     *,
     steps: int = 8,
+    threads: int = 1,
 ) -> None:
-    """Fill ``out`` (h, W, 3) uint8 from L* (h, W) and width-resampled ab (2, s, W).
+    """Fill ``out`` (h, W, 3) uint8 or uint16 from L* (h, W) and width-resampled ab (2, s, W).
 
     ``rows`` is (row0, row1, weight): output row y mixes ab rows ``row0[y]`` and ``row1[y]``
     with ``weight[y]`` (bilinear, as models.colorize._row_interpolation gives them).
+    ``threads`` > 1 splits the rows into that many bands, merged at once (the kernel holds
+    no GIL); every pixel is computed the same way whatever the split.
     """
     row0, row1, weight = rows
-    _merge_rows(
-        np.ascontiguousarray(lightness, dtype=np.float32),
-        np.ascontiguousarray(ab_wide, dtype=np.float32),
-        np.ascontiguousarray(row0, dtype=np.int64),
-        np.ascontiguousarray(row1, dtype=np.int64),
-        np.ascontiguousarray(weight, dtype=np.float32),
-        steps,
-        _M,
-        _WHITE,
-        _SRGB8_FROM_LINEAR,
-        out,
-    )
+    lightness = np.ascontiguousarray(lightness, dtype=np.float32)
+    ab_wide = np.ascontiguousarray(ab_wide, dtype=np.float32)
+    row0 = np.ascontiguousarray(row0, dtype=np.int64)
+    row1 = np.ascontiguousarray(row1, dtype=np.int64)
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    if out.dtype == np.uint8:
+
+        def band(rows: slice) -> None:
+            _merge_rows(
+                lightness[rows], ab_wide, row0[rows], row1[rows], weight[rows], steps, _M,
+                _WHITE, _SRGB8_FROM_LINEAR, out[rows],
+            )  # fmt: skip
+
+    elif out.dtype == np.uint16:
+
+        def band(rows: slice) -> None:
+            _merge_rows16(
+                lightness[rows], ab_wide, row0[rows], row1[rows], weight[rows], steps, _M,
+                _WHITE, out[rows],
+            )  # fmt: skip
+
+    else:
+        raise ValueError(f"the compiled merge writes uint8 or uint16, not {out.dtype}")
+    height = lightness.shape[0]
+    bands = max(1, min(threads, height // 64))  # a band under 64 rows costs more than it saves
+    if bands == 1:
+        band(slice(0, height))
+        return
+    edges = np.linspace(0, height, bands + 1).astype(int)
+    with ThreadPoolExecutor(bands) as pool:
+        list(pool.map(band, [slice(a, b) for a, b in itertools.pairwise(edges)]))

@@ -19,7 +19,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image, ImageCms
 
-from pipeline import rights
+from pipeline import png, rights
 from pipeline.rights import SourceMetadata
 
 DIGITAL_SOURCE_TYPE = (
@@ -126,20 +126,16 @@ def xmp_packet(provenance: Provenance) -> str:
     )
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 def _metadata_chunks(
     provenance: Provenance, exif: bytes | None, dpi: tuple[float, float] | None
 ) -> bytes:
     """iCCP, pHYs, eXIf, tEXt and iTXt chunks: everything an output says about itself."""
-    chunks = [_chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(srgb_icc_profile()))]
+    chunks = [png.chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(srgb_icc_profile()))]
     if dpi:
         per_metre = [round(value / 0.0254) for value in dpi]
-        chunks.append(_chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1)))
+        chunks.append(png.chunk(b"pHYs", struct.pack(">IIB", *per_metre, 1)))
     if exif:
-        chunks.append(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+        chunks.append(png.chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
     for keyword, text in (
         ("Software", provenance.software),
         ("Source", redact_uri(provenance.source_uri)),
@@ -153,11 +149,11 @@ def _text_chunk(keyword: str, text: str, *, international: bool = False) -> byte
     """tEXt when Latin-1 holds the text, else (and for XMP, which readers expect there) iTXt."""
     if not international:
         try:
-            return _chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
+            return png.chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
         except UnicodeEncodeError:
             pass  # a source name in another script: UTF-8 in iTXt keeps it as it is
     # iTXt: keyword, NUL, not compressed, method 0, no language tag, no translated keyword.
-    return _chunk(b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
+    return png.chunk(b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
 
 
 def encode_png(
@@ -167,24 +163,32 @@ def encode_png(
     exif: bytes | None = None,
     dpi: tuple[float, float] | None = None,
     compress_level: int = 1,
+    encoder: str = "isal",
 ) -> bytes:
     """(H, W, 3) uint8 or uint16 sRGB -> PNG bytes with the provenance above embedded.
 
-    The pixels are encoded by Pillow (8-bit) or libpng through imagecodecs (16-bit: Pillow
-    writes no 16-bit RGB PNG); the metadata chunks are the same for both, written once here
-    and placed right after IHDR, before the image data, where every reader looks for them.
+    The metadata chunks are written here, once, and placed right after IHDR, before the image
+    data, where every reader looks for them. The pixels are encoded by pipeline.png (``isal``,
+    the default) or, for benchmarks and as the tests' oracle, by the writers used before it
+    (``reference``: Pillow for 8-bit, libpng through imagecodecs for 16-bit, which Pillow
+    cannot write); both decode to the same pixels.
     """
+    metadata = _metadata_chunks(provenance, exif, dpi)
+    if encoder == "isal":
+        return png.encode(rgb, metadata, level=compress_level)
+    if encoder != "reference":
+        raise ValueError(f"unknown PNG encoder {encoder!r}: isal or reference")
     if rgb.dtype == np.uint16:
         # Big-endian samples are what PNG stores; imagecodecs takes native arrays.
-        png = imagecodecs.png_encode(np.ascontiguousarray(rgb), level=compress_level)
+        encoded = imagecodecs.png_encode(np.ascontiguousarray(rgb), level=compress_level)
     elif rgb.dtype == np.uint8:
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="PNG", compress_level=compress_level)
-        png = buffer.getvalue()
+        encoded = buffer.getvalue()
     else:
         raise ValueError(f"PNG output must be uint8 or uint16, got {rgb.dtype}")
     ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length + type, IHDR data, CRC
-    return png[:ihdr_end] + _metadata_chunks(provenance, exif, dpi) + png[ihdr_end:]
+    return encoded[:ihdr_end] + metadata + encoded[ihdr_end:]
 
 
 def read_png_provenance(data: bytes) -> dict[str, object]:

@@ -71,6 +71,11 @@ class StageOptions:
     software: str
     max_pixels: int = DEFAULT_MAX_PIXELS
     png_compress_level: int = 1
+    # Threads one finalize may use for the merge (and CPUs its Ray task reserves, so the
+    # scheduler shares the node): >1 pays when a node has fewer huge scans than cores.
+    finalize_threads: int = 1
+    # "isal" (pipeline.png); "reference": the merge and encoders before it, for benchmarks.
+    png_encoder: str = "isal"
     output_bits: str = "source"  # "8", "16", or "source": 16 for 16-bit masters, else 8
     storage_timeout_s: float = DEFAULT_TIMEOUT_S  # per read/write, +1 s per MiB
     # Credentials for S3-compatible stores when not in the workers' environment; never
@@ -403,7 +408,14 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                     error_type="SizeMismatch",
                 )
             depth = output_dtype(options.output_bits, decoded.bits)
-            rgb = merge_full_resolution(decoded.source_lightness(), ab, dtype=depth)
+            rgb = merge_full_resolution(
+                decoded.source_lightness(),
+                ab,
+                dtype=depth,
+                threads=options.finalize_threads,
+                # the 16-bit merge before the compiled kernel took it over: benchmarks only
+                reference=options.png_encoder == "reference" and depth == np.uint16,
+            )
             provenance = Provenance(
                 source_uri=redact_uri(str(row["source_uri"])),
                 source_sha256=str(row["source_sha256"]),
@@ -417,6 +429,7 @@ def finalize_one(row: Mapping[str, Any], ab: np.ndarray, options: StageOptions) 
                 exif=decoded.exif,
                 dpi=decoded.dpi,
                 compress_level=options.png_compress_level,
+                encoder=options.png_encoder,
             )
             if options.signing is not None:  # before the hash: the manifest's is the file's
                 png = sign_png(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.png import chunk as _chunk
+
 
 @dataclass(frozen=True)
 class Case:
@@ -116,10 +118,6 @@ def exif_cases() -> Iterator[Case]:
 
 
 # --- PNG ----------------------------------------------------------------------------------
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _png(width: int, height: int, rows: bytes, *, extra: bytes = b"", depth: int = 8) -> bytes:

@@ -130,7 +130,7 @@ def test_strip_merge_equals_one_whole_interpolation() -> None:
 def test_compiled_merge_gives_the_torch_merge_values_exactly(
     shape: tuple[int, int], chroma: float
 ) -> None:
-    """The 8-bit fast path (models.merge_kernel) must not change a single output value."""
+    """The compiled 8-bit merge (models.merge_kernel) must not change a single output value."""
     rng = np.random.default_rng(7)
     lightness = rng.uniform(0, 100, shape).astype(np.float32)
     lightness[0, 0], lightness[-1, -1] = 0.0, 100.0  # the ends of the L* range
@@ -139,6 +139,35 @@ def test_compiled_merge_gives_the_torch_merge_values_exactly(
     reference = merge_full_resolution(lightness, ab, reference=True, strip_rows=5)
     assert compiled.dtype == np.uint8
     np.testing.assert_array_equal(compiled, reference)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chroma"), [((384, 512), 20.0), ((37, 1003), 80.0), ((1, 1), 40.0), ((517, 3), 120.0)]
+)
+def test_compiled_16_bit_merge_gives_the_torch_values_to_one_level(
+    shape: tuple[int, int], chroma: float
+) -> None:
+    """16 bits: libm's powf and torch's vector powf may differ in the last bit, so a value may
+    round to the next of 65,535 levels; nothing else may change."""
+    rng = np.random.default_rng(11)
+    lightness = rng.uniform(0, 100, shape).astype(np.float32)
+    lightness[0, 0], lightness[-1, -1] = 0.0, 100.0
+    ab = rng.normal(0, chroma, (2, 64, 64)).astype(np.float32)
+    compiled = merge_full_resolution(lightness, ab, dtype=np.uint16)
+    reference = merge_full_resolution(lightness, ab, dtype=np.uint16, reference=True)
+    assert compiled.dtype == np.uint16
+    difference = np.abs(compiled.astype(np.int32) - reference.astype(np.int32))
+    assert difference.max() <= 1
+    assert np.mean(difference == 0) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_merge_threads_do_not_change_a_value(dtype: type) -> None:
+    rng = np.random.default_rng(5)
+    lightness = rng.uniform(0, 100, (1000, 300)).astype(np.float32)
+    ab = rng.normal(0, 60, (2, 64, 64)).astype(np.float32)
+    one = merge_full_resolution(lightness, ab, dtype=dtype)
+    np.testing.assert_array_equal(one, merge_full_resolution(lightness, ab, dtype=dtype, threads=3))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
