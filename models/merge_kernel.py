@@ -13,6 +13,7 @@ two value for value, and it serves the 16-bit and float outputs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +67,9 @@ def _fits(red, green, blue) -> bool:  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _to8(value, lut):  # type: ignore[no-untyped-def]
-    value = min(max(value, _F32(0.0)), _F32(1.0))
+    if not value > _F32(0.0):  # NaN too (from a broken model): never an index out of the table
+        return lut[0]
+    value = min(value, _F32(1.0))
     return lut[np.int32(value * _F32(LINEAR_STEPS) + _F32(0.5))]
 
 
@@ -80,6 +83,82 @@ def _to16(value):  # type: ignore[no-untyped-def]
         value = value * _F32(12.92)
     value = min(max(value, _F32(0.0)), _F32(1.0))
     return np.uint16(np.rint(value * _F32(65535.0)))
+
+
+# _to16 costs a powf per channel, most of a 16-bit merge. Its result is a step function of
+# its float32 input, so it is looked up instead, exactly: _LEVEL_AT[b] is _to16(b / 2**16)
+# and _THRESHOLD[k] the smallest float32 that _to16 takes to level k or above (found by
+# bisection over float32 bit patterns, which order like the values for x >= 0). A value in
+# bucket b starts at _LEVEL_AT[b] and steps up past the thresholds it reaches: at most 13
+# levels per bucket near black (the curve's slope 12.92), under 1 elsewhere.
+_BUCKETS = 1 << 16
+
+
+@numba.njit(cache=True, nogil=True)
+def _build_16_bit_tables():  # type: ignore[no-untyped-def]
+    thresholds = np.zeros(65536, dtype=np.float32)
+    one = np.array([1.0], dtype=np.float32).view(np.uint32)[0]
+    bits = np.zeros(1, dtype=np.uint32)
+    for level in range(1, 65536):
+        low = np.uint32(0)  # _to16(low) < level
+        high = one  # _to16(high) >= level
+        while high - low > 1:
+            middle = low + (high - low) // 2
+            bits[0] = middle
+            if _to16(bits.view(np.float32)[0]) >= level:
+                high = middle
+            else:
+                low = middle
+        bits[0] = high
+        thresholds[level] = bits.view(np.float32)[0]
+    starts = np.zeros(_BUCKETS + 1, dtype=np.uint16)
+    for bucket in range(_BUCKETS + 1):
+        starts[bucket] = _to16(np.float32(bucket) / np.float32(_BUCKETS))
+    return thresholds, starts
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _to16_table(value, thresholds, starts):  # type: ignore[no-untyped-def]
+    if not value > _F32(0.0):  # NaN too: never an index out of the tables
+        return np.uint16(0)
+    value = min(value, _F32(1.0))
+    level = np.int64(starts[np.int64(value * _F32(_BUCKETS))])
+    while level < 65535 and value >= thresholds[level + 1]:
+        level += 1
+    return np.uint16(level)
+
+
+@functools.cache
+def sixteen_bit_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, bucket starts) for the exact 16-bit lookup; built once per process."""
+    return _build_16_bit_tables()
+
+
+def to16_exact(values: np.ndarray) -> np.ndarray:
+    """The 16-bit curve computed as _to16 does (tests compare the lookup with it)."""
+    return _to16_many(np.ascontiguousarray(values, dtype=np.float32))
+
+
+@numba.njit(cache=True, nogil=True)
+def _to16_many(values):  # type: ignore[no-untyped-def]
+    out = np.empty(values.shape, np.uint16)
+    for index in range(values.size):
+        out.flat[index] = _to16(values.flat[index])
+    return out
+
+
+def to16_looked_up(values: np.ndarray) -> np.ndarray:
+    """The 16-bit curve by the tables (what the merge does)."""
+    thresholds, starts = sixteen_bit_tables()
+    return _to16_table_many(np.ascontiguousarray(values, dtype=np.float32), thresholds, starts)
+
+
+@numba.njit(cache=True, nogil=True)
+def _to16_table_many(values, thresholds, starts):  # type: ignore[no-untyped-def]
+    out = np.empty(values.shape, np.uint16)
+    for index in range(values.size):
+        out.flat[index] = _to16_table(values.flat[index], thresholds, starts)
+    return out
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -122,7 +201,7 @@ def _merge_rows(  # type: ignore[no-untyped-def]  # noqa: PLR0917
 
 @numba.njit(cache=True, nogil=True)
 def _merge_rows16(  # type: ignore[no-untyped-def]  # noqa: PLR0917
-    lightness, ab_wide, row0, row1, weight, steps, m, white, out
+    lightness, ab_wide, row0, row1, weight, steps, m, white, thresholds, starts, out
 ):
     height, width = lightness.shape
     for y in range(height):
@@ -134,9 +213,9 @@ def _merge_rows16(  # type: ignore[no-untyped-def]  # noqa: PLR0917
             a = ab_wide[0, r0, x] * keep + ab_wide[0, r1, x] * w
             b = ab_wide[1, r0, x] * keep + ab_wide[1, r1, x] * w
             red, green, blue = _fitted(lightness[y, x], a, b, steps, m, white)
-            out[y, x, 0] = _to16(red)
-            out[y, x, 1] = _to16(green)
-            out[y, x, 2] = _to16(blue)
+            out[y, x, 0] = _to16_table(red, thresholds, starts)
+            out[y, x, 1] = _to16_table(green, thresholds, starts)
+            out[y, x, 2] = _to16_table(blue, thresholds, starts)
 
 
 def merge_rows_srgb(
@@ -170,11 +249,12 @@ def merge_rows_srgb(
             )  # fmt: skip
 
     elif out.dtype == np.uint16:
+        thresholds, starts = sixteen_bit_tables()
 
         def band(rows: slice) -> None:
             _merge_rows16(
                 lightness[rows], ab_wide, row0[rows], row1[rows], weight[rows], steps, _M,
-                _WHITE, out[rows],
+                _WHITE, thresholds, starts, out[rows],
             )  # fmt: skip
 
     else:

@@ -221,3 +221,21 @@ def test_cuda_colorize_matches_cpu(small_generator: UNetGenerator) -> None:
     on_cpu = colorize_image(small_generator, photo)
     on_gpu = colorize_image(small_generator.cuda(), photo, device="cuda")
     assert np.abs(on_gpu.astype(int) - on_cpu).max() <= 2
+
+
+def test_16_bit_lookup_is_the_computed_curve_exactly() -> None:
+    """Every 7th float32 in [0, 1], and every value within 40 ulps of a level's threshold."""
+    from models import merge_kernel
+
+    thresholds, _ = merge_kernel.sixteen_bit_tables()
+    one = np.array([1.0], np.float32).view(np.uint32)[0]
+    spread = np.arange(0, one + 1, 7, dtype=np.uint32).view(np.float32)
+    near = (thresholds[1:].view(np.uint32)[:, None].astype(np.int64) + np.arange(-40, 41)).clip(
+        0, one
+    )
+    for values in (spread, near.astype(np.uint32).ravel().view(np.float32)):
+        np.testing.assert_array_equal(
+            merge_kernel.to16_looked_up(values), merge_kernel.to16_exact(values)
+        )
+    ends = np.array([-1.0, 2.0, np.nan, np.inf, -np.inf], np.float32)
+    assert merge_kernel.to16_looked_up(ends).tolist() == [0, 65535, 0, 65535, 0]
