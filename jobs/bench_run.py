@@ -496,7 +496,10 @@ def report_lines(report: BenchReport) -> list[str]:
         f"({report.hours(report.estimate_images_per_s):,.1f} hours at the stage estimate)"
     )
     before = report.estimate_before_images_per_s
-    finalize = [s for s in report.stages if s.stage == "finalize"]
+    # before -> after, whatever order they were timed in
+    finalize = sorted(
+        (s for s in report.stages if s.stage == "finalize"), key=lambda s: s.precision != BEFORE
+    )
     if before:
         lines.append(
             f"before pipeline.png's writer: {report.hours(before):,.1f} hours at the stage "

@@ -56,7 +56,11 @@ def test_bench_run_json_has_the_fields(
     report = json.loads(captured.out)
     assert report["size"] == {"width": 40, "height": 30, "bits": 16}
     assert report["images"] == 3
-    assert [s["stage"] for s in report["stages"]] == ["prepare", "model", "finalize"]
+    # finalize twice, side by side: with the writers before pipeline.png, then as it runs now
+    assert [(s["stage"], s["precision"]) for s in report["stages"]] == [
+        ("prepare", None), ("model", "fp32"), ("finalize", "before"), ("finalize", None)
+    ]  # fmt: skip
+    assert report["projection"]["hours_at_estimate_before"] > 0
     for stage in report["stages"]:
         assert stage["single_worker_images_per_s"] > 0
         assert stage["cluster_images_per_s"] == pytest.approx(

@@ -103,6 +103,24 @@ def test_report_lines_and_json_name_every_stage() -> None:
     assert document["projection"]["hours_at_estimate"] == pytest.approx(3_000_000 / 10 / 3600)
 
 
+def test_the_earlier_finalize_is_a_side_by_side_figure_not_the_estimate() -> None:
+    report = _report()
+    assert report.estimate_before_images_per_s is None
+    assert "before pipeline.png" not in "\n".join(report_lines(report))
+    slow = StageRate("finalize", "before", 10, 10.0, workers=4, cpus_per_worker=1.0)
+    report = BenchReport(**{**report.__dict__, "stages": [*report.stages, slow]})
+    # The estimate is the run's own: bf16 model at 10/s, as before the earlier finalize was added.
+    assert report.estimate_images_per_s == pytest.approx(10.0)
+    assert report.bottleneck.precision == "bf16"
+    # With it: finalize 1 CPU-s per image, so 4 / (0.01 + 0.1 + 1.0) = 3.6/s bounds the run.
+    assert report.estimate_before_images_per_s == pytest.approx(4 / 1.11)
+    text = "\n".join(report_lines(report))
+    assert "finalize CPU s/img 1.000 -> 0.250" in text  # before -> after
+    assert report.as_dict()["projection"]["hours_at_estimate_before"] == pytest.approx(
+        3_000_000 / (4 / 1.11) / 3600
+    )
+
+
 def test_peak_rss_is_read_for_a_live_process_only() -> None:
     import os
     import resource
