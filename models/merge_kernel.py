@@ -1,14 +1,14 @@
-"""Full-resolution L + ab -> 8-bit sRGB in one compiled pass over the pixels (numba).
+"""Full-resolution L + ab -> 8- or 16-bit sRGB in one compiled pass over the pixels (numba).
 
 The torch version (models.colour) makes a dozen whole-array passes per strip, each with its
 own temporary; this does the row interpolation of ab, Lab -> linear sRGB, the chroma
-bisection for out-of-gamut colours and the 8-bit lookup pixel by pixel, in float32 and in
-the same order of operations. It is the finalize stage's main cost: the stage is the
+bisection for out-of-gamut colours and the 8- or 16-bit lookup pixel by pixel, in float32
+and in the same order of operations. It is the finalize stage's main cost: the stage is the
 bottleneck of a GPU cluster, and on CPU it competes with the model for the same cores.
 
 Measured side by side, 1 thread: 512x384 26 -> 2.6 ms (colours in gamut), 32 -> 7.1 ms (many
 outside); 6000x4000 2.84 -> 0.88 s. The torch path stays the reference: tests compare the
-two value for value, and it serves the 16-bit and float outputs.
+two (value for value at 8 bits, within 1 of 65,535 at 16), and it serves float outputs.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def _to16(value):  # type: ignore[no-untyped-def]
 
 
 # _to16 costs a powf per channel, most of a 16-bit merge. Its result is a step function of
-# its float32 input, so it is looked up instead, exactly: _LEVEL_AT[b] is _to16(b / 2**16)
-# and _THRESHOLD[k] the smallest float32 that _to16 takes to level k or above (found by
+# its float32 input, so it is looked up instead, exactly: starts[b] is _to16(b / 2**16)
+# and thresholds[k] the smallest float32 that _to16 takes to level k or above (found by
 # bisection over float32 bit patterns, which order like the values for x >= 0). A value in
-# bucket b starts at _LEVEL_AT[b] and steps up past the thresholds it reaches: at most 13
+# bucket b starts at starts[b] and steps up past the thresholds it reaches: at most 13
 # levels per bucket near black (the curve's slope 12.92), under 1 elsewhere.
 _BUCKETS = 1 << 16
 

@@ -26,10 +26,10 @@ _UP = 2  # PNG filter type 2: each byte minus the byte above it
 _ISAL_LEVEL = (0, 1, 2, 2, 2, 2, 3, 3, 3, 3)  # zlib's 0-9 -> ISA-L's 0-3
 
 
-def chunk(kind: bytes, body: bytes) -> bytes:
+def chunk(kind: bytes, body: bytes | memoryview) -> bytes:
     """One PNG chunk: length, type, data, CRC-32 of type and data."""
-    crc = isal_zlib.crc32(kind + body)
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+    crc = isal_zlib.crc32(body, isal_zlib.crc32(kind))  # no copy of a big body to join them
+    return b"".join((struct.pack(">I", len(body)), kind, body, struct.pack(">I", crc)))
 
 
 def up_filtered(rgb: np.ndarray) -> np.ndarray:
@@ -70,8 +70,9 @@ def encode(rgb: np.ndarray, metadata: bytes = b"", *, level: int = 1) -> bytes:
         raise ValueError(f"PNG level must be 0-9, got {level}")
     stream = isal_zlib.compress(up_filtered(rgb), _ISAL_LEVEL[level])
     ihdr = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)  # RGB, deflate, no interlace
+    view = memoryview(stream)  # slices of it are not copies
     idat = [
-        chunk(b"IDAT", stream[start : start + IDAT_BYTES])
+        chunk(b"IDAT", view[start : start + IDAT_BYTES])
         for start in range(0, len(stream), IDAT_BYTES)
     ]
     return b"".join([SIGNATURE, chunk(b"IHDR", ihdr), metadata, *idat, chunk(b"IEND", b"")])
