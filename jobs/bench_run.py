@@ -243,10 +243,12 @@ class BenchReport:
             and (s.stage != "finalize" or (s.precision == BEFORE) == before)
         ]
 
-    def _estimate(self, stages: list[StageRate]) -> float:
-        bottleneck = min(s.cluster_images_per_s for s in stages)
+    def _cpu_bound(self, stages: list[StageRate]) -> float:
         cpu_s = sum(s.cpu_s_per_image for s in stages)
-        return min(bottleneck, self.cluster_cpus / cpu_s if cpu_s > 0 else float("inf"))
+        return self.cluster_cpus / cpu_s if cpu_s > 0 else float("inf")
+
+    def _estimate(self, stages: list[StageRate]) -> float:
+        return min(*(s.cluster_images_per_s for s in stages), self._cpu_bound(stages))
 
     @property
     def estimate_before_images_per_s(self) -> float | None:
@@ -262,8 +264,7 @@ class BenchReport:
 
     @property
     def cpu_bound_images_per_s(self) -> float:
-        cpu_s = sum(s.cpu_s_per_image for s in self._for_run())
-        return self.cluster_cpus / cpu_s if cpu_s > 0 else float("inf")
+        return self._cpu_bound(self._for_run())
 
     @property
     def estimate_images_per_s(self) -> float:
